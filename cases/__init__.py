@@ -1,0 +1,1 @@
+"""Bundled case files (TOML). `stepdiff run NAME` finds them by file name."""

@@ -1,0 +1,212 @@
+"""The `stepdiff` command line. Heavy imports happen inside the verbs so `stepdiff --help` stays instant.
+
+Exit codes: 0 all agree, 1 a divergence, 2 a framework error (crash, hang, NaN, incomplete record), 3 usage error
+(bad case file, unknown framework, a version that does not install), 4 a knob a framework cannot honour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+EXIT_USAGE = 3
+
+
+def resolve_case(arg: str) -> Path:
+    """A case file path, or the name of a bundled case (with or without .toml)."""
+    p = Path(arg)
+    if p.exists():
+        return p
+    from importlib.resources import files
+
+    bundled = files("stepdiff.cases")
+    for candidate in (arg, f"{arg}.toml"):
+        f = bundled / candidate
+        if f.is_file():
+            return Path(str(f))
+    names = sorted(x.name[:-5] for x in bundled.iterdir() if x.name.endswith(".toml"))
+    raise UsageError(f"case {arg!r}: no such file and no bundled case of that name; bundled: {', '.join(names)}")
+
+
+def bundled_cases() -> list[Path]:
+    from importlib.resources import files
+
+    return sorted(Path(str(x)) for x in files("stepdiff.cases").iterdir() if x.name.endswith(".toml"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stepdiff.reports import json_report, junit, markdown, terminal
+
+    from . import spec as S
+    from .runner import parse_pin, run_case
+
+    results = []
+    for case_arg in args.case:
+        spec = S.load(resolve_case(case_arg))
+        if args.device:
+            spec = spec.replace(run__device=args.device)
+        if args.timeout:
+            spec = spec.replace(run__timeout_s=args.timeout)
+        pins = args.framework or list(spec.case.frameworks)
+        frameworks = [parse_pin(p) for p in pins]
+        result = run_case(spec, frameworks, workdir=Path(args.keep) / spec.case.name if args.keep else None)
+        print(terminal.render(result), flush=True)
+        results.append(result)
+    if args.json:
+        json_report.write(results, args.json)
+    if args.junit:
+        junit.write(results, args.junit)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown.render_many(results))
+    return max(r.exit_code for r in results)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import adapter_names, get_adapter, knob_class
+
+    rows: list[dict[str, Any]] = []
+    for name in adapter_names():
+        try:
+            cls = get_adapter(name)
+        except ImportError as e:
+            rows.append({"name": name, "error": f"not available: {e}"})
+            continue
+        caps = cls.capabilities
+        knobs = knob_class(name)
+        rows.append({
+            "name": name, "framework": caps.framework, "runs": caps.runs, "readouts": list(caps.readouts),
+            "knobs": list(caps.knobs), "knob_defaults": _knob_defaults(knobs), "devices": list(caps.devices),
+            "world_sizes": caps.world_sizes, "dtypes": list(caps.dtypes), "optimizers": list(caps.optimizers),
+            "loss_kinds": list(caps.loss_kinds),
+            "patches": [{"target": p.target, "change": p.change, "why": p.why} for p in caps.patches],
+            "notes": list(caps.notes),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']}: {r['error']}\n")
+            continue
+        print(f"{r['name']}  ({r['framework']})")
+        print(f"  runs:       {r['runs']}")
+        for ro in r["readouts"]:
+            print(f"  read-out:   {ro}")
+        print(f"  devices: {', '.join(r['devices'])}; world sizes: {r['world_sizes']}; dtypes: {', '.join(r['dtypes'])}"
+              f"; optimizers: {', '.join(r['optimizers'])}; losses: {', '.join(r['loss_kinds'])}")
+        if r["knobs"]:
+            print(f"  knobs:      [{r['name']}] " + ", ".join(f"{k}={v!r}" for k, v in r["knob_defaults"].items()))
+        for p in r["patches"]:
+            print(f"  patch:      {p['target']}: {p['change']} ({p['why']})")
+        for n in r["notes"]:
+            print(f"  note:       {n}")
+        print()
+    return 0
+
+
+def _knob_defaults(cls: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if cls is None:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from . import envs
+    from .runner import parse_pin
+
+    if args.env_cmd == "list":
+        rows = envs.list_envs()
+        if not rows:
+            print(f"no environments under {envs.cache_root() / 'envs'}")
+        for r in rows:
+            v = r["versions"]
+            keys = [k for k in ("torch", "transformers", "deepspeed", "openrlhf", "trl", "verl") if k in v]
+            print(f"{r['name']:40s} {r['size_mb']:8.0f} MB  " + " ".join(f"{k}=={v[k]}" for k in keys)
+                  + ("" if r["request"] else "  (incomplete build)"))
+        return 0
+    if args.env_cmd == "build":
+        for pin in args.pins:
+            name, version = parse_pin(pin)
+            env = envs.ensure(envs.request_for(name, version))
+            state = "cached" if env.cached else f"built in {env.build_s:.1f} s"
+            print(f"{env.name}: {state} at {env.path}")
+        return 0
+    removed = envs.remove_envs(args.pattern)
+    print("\n".join(f"removed {r}" for r in removed) or "nothing to remove")
+    return 0
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    from . import spec as S
+
+    for p in bundled_cases():
+        s = S.load(p)
+        print(f"{p.stem:40s} {', '.join(s.case.frameworks)}")
+        if s.case.description:
+            print(f"    {s.case.description.splitlines()[0]}")
+    return 0
+
+
+def cmd_spec_help(args: argparse.Namespace) -> int:
+    from .spec import field_docs
+
+    for name, default, text in field_docs():
+        print(f"{name:32s} {default:22s} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stepdiff import __version__
+
+    ap = argparse.ArgumentParser(prog="stepdiff", description="Differential tester for LLM training frameworks: run "
+                                 "the same seeded optimizer steps through real frameworks and a pure-PyTorch "
+                                 "reference, and say where and how they diverge.",
+                                 epilog="exit codes: 0 agree, 1 diverge, 2 framework error, 3 usage error, "
+                                        "4 unsupported knob")
+    ap.add_argument("--version", action="version", version=f"stepdiff {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run case(s) through frameworks and the reference, and compare")
+    run.add_argument("case", nargs="+", help="case file path or bundled case name (see `stepdiff cases`)")
+    run.add_argument("--framework", "-f", action="append", metavar="NAME==VERSION",
+                     help="framework run (repeatable); default: the case's case.frameworks")
+    run.add_argument("--json", metavar="PATH", help="write the JSON report")
+    run.add_argument("--junit", metavar="PATH", help="write a JUnit XML report (one testcase per framework run)")
+    run.add_argument("--markdown", metavar="PATH", help="write a Markdown report")
+    run.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
+    run.add_argument("--timeout", type=float, metavar="S", help="override run.timeout_s")
+    run.add_argument("--keep", metavar="DIR", help="keep records and worker logs under DIR")
+    run.set_defaults(func=cmd_run)
+    ls = sub.add_parser("list", help="adapters, the exact piece of each framework that runs, capabilities, patches")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    env = sub.add_parser("env", help="list, build or remove cached framework environments")
+    env_sub = env.add_subparsers(dest="env_cmd", required=True)
+    env_sub.add_parser("list")
+    b = env_sub.add_parser("build")
+    b.add_argument("pins", nargs="+", metavar="NAME==VERSION")
+    rm = env_sub.add_parser("remove")
+    rm.add_argument("pattern", nargs="?", help="remove environments whose name contains this (default: all)")
+    env.set_defaults(func=cmd_env)
+    cases = sub.add_parser("cases", help="list the bundled cases")
+    cases.set_defaults(func=cmd_cases)
+    sh = sub.add_parser("spec-help", help="every case-file field with its default and meaning")
+    sh.set_defaults(func=cmd_spec_help)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"stepdiff: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

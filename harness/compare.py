@@ -1,0 +1,152 @@
+"""Comparison of one framework record against the reference record: per-step diffs, the verdict and its bound, the
+first diverging step, parameters ranked by error, and the micro-batch weight fit at that step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import data as D
+from .diff import DictDiff, dict_diff, scalar_rel, subtract
+from .errors import WorkerError
+from .record import Record
+from .signatures import Fit, Signature, describe, fit_weights
+from .spec import Spec
+from .tolerance import Bound
+
+if TYPE_CHECKING:
+    import torch
+
+Verdict = str  # "agree" | "diverge" | "error" | "unsupported"
+
+
+@dataclass
+class StepComparison:
+    step: int
+    loss: float
+    loss_ref: float
+    loss_rel: float | None
+    grad_norm: float | None
+    grad_norm_ref: float | None
+    grad_norm_rel: float | None
+    grad: DictDiff
+    update: DictDiff
+    diverged: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    framework: str
+    version: str | None
+    verdict: Verdict
+    reason: str
+    """One line: why this verdict."""
+    bound: Bound | None = None
+    steps: list[StepComparison] = field(default_factory=list)
+    first_diverging_step: int | None = None
+    fit: Fit | None = None
+    fit_step: int | None = None
+    signature: Signature | None = None
+    meta: dict[str, Any] | None = None
+    log_tail: str = ""
+    env_versions: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.framework}=={self.version}" if self.version else self.framework
+
+    @property
+    def max_rel_grad_error(self) -> float | None:
+        return max((s.grad.total.rel for s in self.steps), default=None)
+
+    @property
+    def worst_param(self) -> tuple[str, float] | None:
+        s = self.steps[self.first_diverging_step or 0] if self.steps else None
+        if s is None or not s.grad.per_param:
+            return None
+        return s.grad.per_param[0].name, s.grad.per_param[0].rel
+
+
+def validate_record(spec: Spec, rec: Record, ref: Record) -> None:
+    """An incomplete or non-finite record is an error, never a pass."""
+    import torch
+
+    if len(rec.steps) != spec.batch.steps:
+        raise WorkerError(f"record has {len(rec.steps)} optimizer steps, the spec asked for {spec.batch.steps}")
+    names = list(ref.steps[0].grads)
+    for s, st in enumerate(rec.steps):
+        for kind, tensors in (("gradient", st.grads), ("parameter", st.params)):
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise WorkerError(f"step {s}: {kind} missing for {len(missing)} parameters, e.g. {missing[0]}")
+            for n in names:
+                t = tensors[n]
+                if t.shape != ref.steps[0].grads[n].shape:
+                    raise WorkerError(f"step {s}: {kind} {n} has shape {tuple(t.shape)}, expected "
+                                      f"{tuple(ref.steps[0].grads[n].shape)}")
+                if not bool(torch.isfinite(t).all()):
+                    raise WorkerError(f"step {s}: {kind} {n} contains NaN/Inf")
+        if not math.isfinite(st.loss):
+            raise WorkerError(f"step {s}: the framework reported a non-finite loss ({st.loss})")
+        if st.grad_norm is not None and not math.isfinite(st.grad_norm):
+            raise WorkerError(f"step {s}: the framework reported a non-finite grad norm ({st.grad_norm})")
+
+
+def compare(spec: Spec, rec: Record, ref: Record, init: dict[str, torch.Tensor], bound: Bound, framework: str,
+            version: str | None) -> RunResult:
+    validate_record(spec, rec, ref)
+    ub = bound.update_bound(spec.optimizer.name)
+    steps = []
+    before, before_ref = init, init
+    for s in range(spec.batch.steps):
+        st, rt = rec.steps[s], ref.steps[s]
+        grad = dict_diff(st.grads, rt.grads)
+        upd_fw = subtract(st.params, before)
+        upd_ref = subtract(rt.params, before_ref)
+        update = dict_diff(upd_fw, upd_ref)
+        if spec.optimizer.lr > 0 and update.total.norm == 0.0 and update.total.ref_norm > 0:
+            raise WorkerError(f"step {s}: the parameters did not change: the optimizer step did not happen")
+        loss_rel = scalar_rel(st.loss, rt.loss)
+        norm_rel = scalar_rel(st.grad_norm, rt.grad_norm)
+        reasons = []
+        if grad.total.rel > bound.value:
+            reasons.append(f"gradient rel error {grad.total.rel:.3g} > {bound.value:.1e}")
+        elif grad.per_param and grad.per_param[0].rel > bound.value:
+            reasons.append(f"{grad.per_param[0].name} gradient rel error {grad.per_param[0].rel:.3g} > {bound.value:.1e}")
+        if loss_rel is not None and loss_rel > bound.value:
+            reasons.append(f"reported loss rel error {loss_rel:.3g}")
+        if norm_rel is not None and norm_rel > bound.value:
+            reasons.append(f"reported grad norm rel error {norm_rel:.3g}")
+        if update.total.rel > ub:
+            reasons.append(f"update rel error {update.total.rel:.3g} > {ub:.1e}")
+        steps.append(StepComparison(s, st.loss, rt.loss, loss_rel, st.grad_norm, rt.grad_norm, norm_rel, grad, update,
+                                    bool(reasons), reasons))
+        before, before_ref = st.params, rt.params
+    first = next((c.step for c in steps if c.diverged), None)
+    fit_step = first if first is not None else 0
+    fit = signature = None
+    if any(k.startswith(f"contrib/{fit_step}/") for k in ref.extras):
+        fit, signature = fit_microbatches(spec, rec.steps[fit_step].grads, ref, fit_step)
+    result = RunResult(framework, version, "diverge" if first is not None else "agree", "", bound, steps, first,
+                       fit, fit_step, signature)
+    if first is None:
+        result.reason = f"max gradient rel error {result.max_rel_grad_error:.2g} <= bound {bound.value:.1e}"
+    else:
+        result.reason = f"step {first}: " + "; ".join(steps[first].reasons)
+    return result
+
+
+def fit_microbatches(spec: Spec, grads: dict[str, torch.Tensor], ref: Record, step: int) -> tuple[Fit, Signature]:
+    b = spec.batch
+    contribs, labels = [], []
+    for r in range(b.world_size):
+        for m in range(b.grad_accum):
+            prefix = f"contrib/{step}/{r}/{m}/"
+            contribs.append({k[len(prefix):]: v for k, v in ref.extras.items() if k.startswith(prefix)})
+            labels.append(f"rank {r} mb {m}" if b.world_size > 1 else f"mb {m}")
+    fit = fit_weights(grads, contribs, labels)
+    return fit, describe(fit, D.microbatch_token_counts(spec, step))

@@ -1,0 +1,125 @@
+"""Samples and their fixed placement: which samples go into which micro-batch on which rank at which step.
+
+Placement is part of the spec, not left to a framework's sampler: sample index for (step s, rank r, micro-batch m,
+slot j) is ((s * world_size + r) * grad_accum + m) * micro_batch_size + j. Adapters feed their framework exactly
+these micro-batches (reordering its dataset if its sampler interleaves ranks).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .spec import Sample, Spec
+
+if TYPE_CHECKING:
+    import torch
+
+
+def samples(spec: Spec) -> tuple[Sample, ...]:
+    """The spec's samples: the explicit ones, or as many as the steps need from the seeded generator."""
+    d = spec.data
+    if d.samples:
+        return d.samples
+    rng = random.Random(d.seed)
+    low, high = 3, spec.model.vocab_size  # 0, 1, 2 are pad, eos, bos
+    out = []
+    for _ in range(spec.samples_per_step * spec.batch.steps):
+        p = rng.randint(*d.prompt_len)
+        r = rng.randint(*d.response_len)
+        response = [rng.randrange(low, high) for _ in range(r - 1 if d.append_eos else r)]
+        if d.append_eos:
+            response.append(d.eos_id)
+        out.append(Sample(prompt=tuple(rng.randrange(low, high) for _ in range(p)), response=tuple(response)))
+    return tuple(out)
+
+
+def sample_index(spec: Spec, step: int, rank: int, micro: int, slot: int) -> int:
+    b = spec.batch
+    return ((step * b.world_size + rank) * b.grad_accum + micro) * b.micro_batch_size + slot
+
+
+def micro_batch_indices(spec: Spec, step: int, rank: int, micro: int) -> list[int]:
+    return [sample_index(spec, step, rank, micro, j) for j in range(spec.batch.micro_batch_size)]
+
+
+def rank_indices(spec: Spec, rank: int) -> list[int]:
+    """Every sample rank `rank` sees, in the order it sees them (all steps)."""
+    b = spec.batch
+    return [i for s in range(b.steps) for m in range(b.grad_accum) for i in micro_batch_indices(spec, s, rank, m)]
+
+
+def supervised_targets(spec: Spec, sample: Sample) -> list[bool]:
+    """For each position t >= 1 of prompt+response: is token t a supervised next-token target?"""
+    n_prompt = len(sample.prompt)
+    ids = (*sample.prompt, *sample.response)
+    if spec.data.supervise == "all":
+        return [True] * (len(ids) - 1)
+    return [t >= n_prompt for t in range(1, len(ids))]
+
+
+def token_count(spec: Spec, sample: Sample) -> int:
+    return sum(supervised_targets(spec, sample))
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as right-padded tensors.
+
+    `loss_mask[b, t]` is 1 when `input_ids[b, t]` is a supervised target (predicted from position t-1), so the
+    shifted loss uses logits[:, :-1] against input_ids[:, 1:] weighted by loss_mask[:, 1:].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    indices: list[int]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """HF-style labels: input ids where supervised, -100 elsewhere (HF shifts them itself)."""
+        return self.input_ids.masked_fill(self.loss_mask == 0, -100)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+
+def collate(spec: Spec, indices: list[int], all_samples: tuple[Sample, ...] | None = None) -> MicroBatch:
+    import torch
+
+    smp = all_samples if all_samples is not None else samples(spec)
+    rows = [smp[i] for i in indices]
+    length = max(len(s.prompt) + len(s.response) for s in rows)
+    ids = torch.full((len(rows), length), spec.data.pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, s in enumerate(rows):
+        seq = (*s.prompt, *s.response)
+        ids[b, : len(seq)] = torch.tensor(seq)
+        attn[b, : len(seq)] = 1
+        mask[b, 1 : len(seq)] = torch.tensor(supervised_targets(spec, s), dtype=torch.long)
+    return MicroBatch(ids, attn, mask, list(indices))
+
+
+def step_token_count(spec: Spec, step: int) -> int:
+    """Supervised tokens in the whole optimizer step (all micro-batches, all ranks): the global-mean denominator."""
+    smp = samples(spec)
+    b = spec.batch
+    return sum(
+        token_count(spec, smp[i])
+        for r in range(b.world_size)
+        for m in range(b.grad_accum)
+        for i in micro_batch_indices(spec, step, r, m)
+    )
+
+
+def microbatch_token_counts(spec: Spec, step: int) -> list[list[int]]:
+    """[rank][micro] supervised token counts of one step."""
+    smp = samples(spec)
+    b = spec.batch
+    return [
+        [sum(token_count(spec, smp[i]) for i in micro_batch_indices(spec, step, r, m)) for m in range(b.grad_accum)]
+        for r in range(b.world_size)
+    ]

@@ -1,0 +1,87 @@
+"""The diff engine: tensors against tensors. Knows nothing of frameworks.
+
+Relative Frobenius error ||a - r|| / ||r||, max abs error and cosine, per parameter and over all parameters at once.
+Per-parameter relative errors are guarded: the denominator is at least a small fraction of the RMS parameter-tensor
+norm, so a parameter whose reference gradient is (nearly) zero cannot turn rounding noise into a huge ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+GUARD = 1e-3
+"""Per-parameter denominators are at least GUARD x the RMS per-tensor reference norm."""
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    name: str
+    rel: float
+    """||a - ref|| / max(||ref||, guard)."""
+    max_abs: float
+    cosine: float
+    ref_norm: float
+    norm: float
+
+
+def _cos(dot: float, na: float, nr: float) -> float:
+    if na == 0.0 and nr == 0.0:
+        return 1.0
+    if na == 0.0 or nr == 0.0:
+        return 0.0
+    return dot / (na * nr)
+
+
+def tensor_diff(name: str, a: torch.Tensor, ref: torch.Tensor, guard: float = 0.0) -> TensorDiff:
+    a64, r64 = a.detach().double().reshape(-1), ref.detach().double().reshape(-1)
+    d = a64 - r64
+    na, nr, nd = float(a64.norm()), float(r64.norm()), float(d.norm())
+    denom = max(nr, guard)
+    rel = nd / denom if denom > 0 else (0.0 if nd == 0 else math.inf)
+    return TensorDiff(name, rel, float(d.abs().max()) if d.numel() else 0.0, _cos(float(a64 @ r64), na, nr), nr, na)
+
+
+@dataclass(frozen=True)
+class DictDiff:
+    total: TensorDiff
+    """All parameters as one vector."""
+    per_param: tuple[TensorDiff, ...]
+    """Per parameter, worst (largest rel) first."""
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+
+def dict_diff(a: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> DictDiff:
+    names = [n for n in ref if n in a]
+    missing = tuple(n for n in ref if n not in a)
+    unexpected = tuple(n for n in a if n not in ref)
+    sq_ref = sum(float(ref[n].double().norm()) ** 2 for n in names)
+    rms = math.sqrt(sq_ref / max(len(names), 1))
+    per = [tensor_diff(n, a[n], ref[n], GUARD * rms) for n in names if a[n].shape == ref[n].shape]
+    bad_shape = [n for n in names if a[n].shape != ref[n].shape]
+    sq_d = sum(p.rel ** 2 * max(p.ref_norm, GUARD * rms) ** 2 for p in per)
+    sq_a = sum(p.norm ** 2 for p in per)
+    dot = sum(float((a[n].double().reshape(-1) @ ref[n].double().reshape(-1))) for n in names if n not in bad_shape)
+    total = TensorDiff("*", math.sqrt(sq_d) / math.sqrt(sq_ref) if sq_ref > 0 else (0.0 if sq_d == 0 else math.inf),
+                       max((p.max_abs for p in per), default=0.0), _cos(dot, math.sqrt(sq_a), math.sqrt(sq_ref)),
+                       math.sqrt(sq_ref), math.sqrt(sq_a))
+    return DictDiff(total, tuple(sorted(per, key=lambda p: -p.rel)), missing + tuple(bad_shape), unexpected)
+
+
+def scalar_rel(a: float | None, ref: float | None) -> float | None:
+    """|a - ref| / |ref| (None when either is missing)."""
+    if a is None or ref is None or (isinstance(a, float) and math.isnan(a)):
+        return None
+    if ref == 0:
+        return 0.0 if a == 0 else math.inf
+    return abs(a - ref) / abs(ref)
+
+
+def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: a[n].double() - b[n].double() for n in a if n in b}

@@ -1,0 +1,227 @@
+"""Environments: one virtual environment per (adapter, version set), built with uv and cached.
+
+Torch is pinned to the host's exact version in every environment (as a constraint for the install and for any sdist
+build), so no environment ever pulls another torch. uv does not read pip's configuration, so pip's configured
+find-links (where the host's torch wheel lives) are passed through explicitly. The resolved versions are written to
+`env.json`, which is also the marker of a finished build: a directory without it is a broken build and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from .errors import EnvironmentBuildError, UsageError
+from .registry import get_adapter
+
+ENV_FORMAT = 2
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STEPDIFF_CACHE", Path.home() / ".cache" / "stepdiff"))
+
+
+def host_torch_version() -> str:
+    """The host's torch version without the local tag ('2.13.0+cpu' -> '2.13.0')."""
+    try:
+        return metadata.version("torch").split("+")[0]
+    except metadata.PackageNotFoundError:
+        raise UsageError("torch is not installed on the host; install it first (see README)") from None
+
+
+@functools.lru_cache(maxsize=1)
+def pip_find_links() -> tuple[str, ...]:
+    """pip's configured find-links (env var and config files), which uv would otherwise not see."""
+    links: list[str] = []
+    for chunk in os.environ.get("PIP_FIND_LINKS", "").split():
+        links.append(chunk)
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().endswith("find-links"):
+            links.extend(value.strip().strip("'\"").split())
+    return tuple(dict.fromkeys(links))
+
+
+def uv_binary() -> str:
+    try:
+        from uv import find_uv_bin
+
+        return str(find_uv_bin())
+    except Exception:
+        found = shutil.which("uv")
+        if not found:
+            raise UsageError("uv is not installed; run `pip install uv`") from None
+        return found
+
+
+@dataclass(frozen=True)
+class EnvRequest:
+    adapter: str
+    version: str | None
+    requirements: tuple[str, ...]
+    build_env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps([ENV_FORMAT, self.adapter, self.version, self.requirements, self.build_env,
+                           host_torch_version(), sys.version_info[:2]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        return f"{self.adapter}=={self.version}" if self.version else self.adapter
+
+
+@dataclass
+class Environment:
+    name: str
+    path: Path
+    python: str
+    versions: dict[str, str] = field(default_factory=dict)
+    build_s: float = 0.0
+    cached: bool = True
+
+
+def request_for(adapter: str, version: str | None) -> EnvRequest:
+    cls = get_adapter(adapter)
+    return EnvRequest(adapter, version, tuple(cls.requirements(version)), tuple(sorted(cls.build_env(version).items())))
+
+
+def env_dir(req: EnvRequest) -> Path:
+    safe = req.label.replace("==", "-").replace("/", "_")
+    return cache_root() / "envs" / f"{safe}-{req.key}"
+
+
+def host_environment() -> Environment:
+    """The reference runs in the host's own python (it needs only torch and transformers)."""
+    return Environment(name="host", path=Path(sys.prefix), python=sys.executable,
+                       versions={d: _dist_version(d) for d in ("torch", "transformers", "safetensors")})
+
+
+def _dist_version(d: str) -> str:
+    try:
+        return metadata.version(d)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def ensure(req: EnvRequest, log: bool = True) -> Environment:
+    """The environment for `req`, built if it is not cached. Raises EnvironmentBuildError with uv's reason."""
+    d = env_dir(req)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f".{d.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs (pytest-xdist) build each environment once
+        marker = d / "env.json"
+        if marker.exists():
+            info = json.loads(marker.read_text())
+            return Environment(req.label, d, str(d / "bin" / "python"), info["versions"], info["build_s"], True)
+        if d.exists():
+            shutil.rmtree(d)
+        if log:
+            print(f"stepdiff: building environment {req.label} (torch=={host_torch_version()}) ...", file=sys.stderr,
+                  flush=True)
+        t0 = time.perf_counter()
+        try:
+            _build(req, d)
+        except EnvironmentBuildError:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        versions = _freeze(d)
+        build_s = time.perf_counter() - t0
+        marker.write_text(json.dumps({"request": asdict(req), "versions": versions, "build_s": build_s,
+                                      "python": sys.version.split()[0]}, indent=1))
+        if log:
+            print(f"stepdiff: built {req.label} in {build_s:.1f} s", file=sys.stderr, flush=True)
+        return Environment(req.label, d, str(d / "bin" / "python"), versions, build_s, False)
+
+
+def _run_uv(args: list[str], env: dict[str, str], what: str) -> None:
+    proc = subprocess.run([uv_binary(), *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise EnvironmentBuildError(f"{what} could not be installed: {installer_reason(proc.stderr)}")
+
+
+def _build(req: EnvRequest, d: Path) -> None:
+    env = {**os.environ, **dict(req.build_env), "UV_NO_PROGRESS": "1"}
+    _run_uv(["venv", "--quiet", "--python", sys.executable, str(d)], env, req.label)
+    constraints = d / "stepdiff-constraints.txt"
+    constraints.write_text(f"torch=={host_torch_version()}\n")
+    links = [a for link in pip_find_links() for a in ("--find-links", link)]
+    args = ["pip", "install", "--python", str(d / "bin" / "python"), *links, "--constraint", str(constraints),
+            "--build-constraints", str(constraints), "--compile-bytecode",
+            f"torch=={host_torch_version()}", "safetensors", *req.requirements]
+    _run_uv(args, env, req.label)
+
+
+def _freeze(d: Path) -> dict[str, str]:
+    out = subprocess.run([uv_binary(), "pip", "freeze", "--python", str(d / "bin" / "python")],
+                         capture_output=True, text=True).stdout
+    versions = {}
+    for line in out.splitlines():
+        if "==" in line:
+            name, _, ver = line.partition("==")
+            versions[name.strip().lower()] = ver.strip()
+    return versions
+
+
+def installer_reason(stderr: str) -> str:
+    """uv's explanation squeezed onto one line (the lines after 'x' / 'because', without box drawing)."""
+    keep = []
+    for raw in stderr.splitlines():
+        line = raw.strip().lstrip("×╰─▶│ ").strip()
+        if not line or line.startswith(("Using ", "Resolved ", "Prepared ", "Installed ", "Audited ")):
+            continue
+        keep.append(line)
+    reason = " ".join(keep) or "uv failed without a message"
+    return reason if len(reason) <= 400 else reason[:397] + "..."
+
+
+def list_envs() -> list[dict[str, object]]:
+    root = cache_root() / "envs"
+    rows = []
+    if root.exists():
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            marker = d / "env.json"
+            if marker.exists():
+                info = json.loads(marker.read_text())
+                rows.append({"name": d.name, "path": str(d), "request": info["request"], "versions": info["versions"],
+                             "build_s": info["build_s"], "size_mb": _size_mb(d)})
+            else:
+                rows.append({"name": d.name, "path": str(d), "request": None, "versions": {}, "build_s": None,
+                             "size_mb": _size_mb(d)})
+    return rows
+
+
+def remove_envs(pattern: str | None) -> list[str]:
+    removed = []
+    for row in list_envs():
+        if pattern is None or pattern in str(row["name"]):
+            shutil.rmtree(str(row["path"]), ignore_errors=True)
+            removed.append(str(row["name"]))
+    return removed
+
+
+def _size_mb(d: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return round(total / 2**20, 1)

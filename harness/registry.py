@@ -1,0 +1,74 @@
+"""The adapter registry: adapters by name as lazy import-path strings (hypothesis-style).
+
+Registering imports nothing. `get_adapter` imports the adapter module (which itself imports its framework only inside
+functions), so `import stepdiff` and `stepdiff --help` never import a framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    adapter: str
+    """'module:Class' of the adapter (see stepdiff.adapters.base.Adapter)."""
+    knobs: str | None = None
+    """'module:Class' of the adapter's knob dataclass, or None when it takes none."""
+
+
+_REGISTRY: dict[str, AdapterEntry] = {}
+
+
+def register_adapter(name: str, adapter: str, knobs: str | None = None) -> None:
+    """Register an adapter by import path. Raises on a duplicate name."""
+    if name in _REGISTRY:
+        raise ValueError(f"adapter {name!r} is already registered ({_REGISTRY[name].adapter})")
+    if ":" not in adapter or (knobs is not None and ":" not in knobs):
+        raise ValueError("import paths are 'module:attribute'")
+    _REGISTRY[name] = AdapterEntry(name, adapter, knobs)
+
+
+def unregister_adapter(name: str) -> None:
+    """Remove an adapter (tests use it to register throw-away adapters)."""
+    _REGISTRY.pop(name, None)
+
+
+def adapter_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def entry(name: str) -> AdapterEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown framework {name!r}; known: {', '.join(adapter_names())}") from None
+
+
+def get_adapter(name: str) -> Any:
+    """The adapter class registered under `name`. Raises UsageError on an unknown name."""
+    return _load(entry(name).adapter)
+
+
+def knob_class(name: str) -> Any:
+    """The knob dataclass of adapter `name`, or None."""
+    e = entry(name)
+    return _load(e.knobs) if e.knobs else None
+
+
+# The built-in adapters. Third-party adapters call register_adapter() the same way.
+register_adapter("reference", "stepdiff.adapters.reference:ReferenceAdapter")
+register_adapter("deepspeed", "stepdiff.adapters.deepspeed:DeepSpeedAdapter", "stepdiff.adapters.deepspeed:DeepSpeedKnobs")
+register_adapter("openrlhf", "stepdiff.adapters.openrlhf:OpenRLHFAdapter", "stepdiff.adapters.openrlhf:OpenRLHFKnobs")
+register_adapter("trl", "stepdiff.adapters.trl:TRLAdapter", "stepdiff.adapters.trl:TRLKnobs")
+register_adapter("verl", "stepdiff.adapters.verl:VerlAdapter", "stepdiff.adapters.verl:VerlKnobs")

@@ -1,0 +1,173 @@
+"""Running a case: initial weights, the reference (and its float64 calibration), each framework in its own
+environment and worker, and the comparisons. Returns a CaseResult; reports render it elsewhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import envs
+from .compare import RunResult, compare
+from .diff import dict_diff
+from .errors import UsageError, WorkerError
+from .model import write_init_weights
+from .record import Record
+from .registry import adapter_names, get_adapter
+from .spec import Spec, to_dict
+from .tolerance import Bound, bound_for
+from .workers import Worker
+
+EXIT_AGREE, EXIT_DIVERGE, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 1, 2, 3, 4
+
+
+@dataclass
+class CaseResult:
+    case: str
+    spec: Spec
+    runs: list[RunResult]
+    bound: Bound
+    reference_versions: dict[str, str] = field(default_factory=dict)
+    pairwise: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Max gradient rel error between every two framework runs (symmetric)."""
+    odd_one_out: str | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        verdicts = {r.verdict for r in self.runs}
+        for v in ("error", "diverge", "unsupported"):
+            if v in verdicts:
+                return v
+        return "agree"
+
+    @property
+    def exit_code(self) -> int:
+        return {"agree": EXIT_AGREE, "diverge": EXIT_DIVERGE, "error": EXIT_ERROR,
+                "unsupported": EXIT_UNSUPPORTED}[self.verdict]
+
+
+def parse_pin(pin: str) -> tuple[str, str | None]:
+    """'deepspeed==0.18.9' -> ('deepspeed', '0.18.9'); a bare name means the newest release."""
+    name, sep, version = pin.partition("==")
+    name = name.strip().lower()
+    if not name or (sep and not version.strip()):
+        raise UsageError(f"--framework {pin!r}: expected NAME==VERSION, e.g. deepspeed==0.19.8")
+    if name not in adapter_names() or name == "reference":
+        known = ", ".join(n for n in adapter_names() if n != "reference")
+        raise UsageError(f"--framework {pin!r}: unknown framework {name!r}; known: {known}")
+    return name, version.strip() or None
+
+
+def with_world_size_env(extra: dict[str, str], env: envs.Environment) -> dict[str, str]:
+    out = dict(extra)
+    out.setdefault("TORCH_EXTENSIONS_DIR", str(env.path / "torch_extensions"))
+    return out
+
+
+def run_reference(spec: Spec, init: Path, workdir: Path, calibrate: bool = True) -> tuple[Record, Bound, dict[str, str]]:
+    host = envs.host_environment()
+    with Worker("reference", host.python, 1, spec.run.device, workdir=workdir / "reference") as w:
+        w.submit({"spec": to_dict(spec), "init": str(init), "out": str(workdir / "reference" / "record")},
+                 spec.run.timeout_s)
+        ref = Record.load(workdir / "reference" / "record")
+        self_error = None
+        if calibrate and spec.model.dtype != "float64":
+            w.submit({"spec": to_dict(spec), "init": str(init), "out": str(workdir / "reference" / "record64"),
+                      "options": {"dtype": "float64"}}, spec.run.timeout_s)
+            ref64 = Record.load(workdir / "reference" / "record64")
+            self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(ref.steps, ref64.steps, strict=True))
+    return ref, bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance), host.versions
+
+
+def run_framework(spec: Spec, name: str, version: str | None, init: Path, ref: Record, bound: Bound, workdir: Path,
+                  init_tensors: dict[str, Any], log: Callable[[str], None]) -> RunResult:
+    cls = get_adapter(name)
+    reason = cls.unsupported(spec)
+    if reason:
+        return RunResult(name, version, "unsupported", reason)
+    env = envs.ensure(envs.request_for(name, version))  # UsageError (one line) if it cannot be installed
+    label = f"{name}=={version}" if version else name
+    wdir = workdir / label.replace("==", "-")
+    t0 = time.perf_counter()
+    try:
+        with Worker(name, env.python, spec.batch.world_size, spec.run.device,
+                    env=with_world_size_env({}, env), workdir=wdir) as w:
+            w.submit({"spec": to_dict(spec), "init": str(init), "out": str(wdir / "record")}, spec.run.timeout_s)
+        rec = Record.load(wdir / "record")
+        result = compare(spec, rec, ref, init_tensors, bound, name, version)
+        result.meta = _meta_dict(rec)
+    except WorkerError as e:
+        result = RunResult(name, version, "error", e.message, bound, log_tail=e.log_tail)
+    result.env_versions = env.versions
+    result.timings = {"wall_s": time.perf_counter() - t0, "env_build_s": 0.0 if env.cached else env.build_s}
+    log(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
+    return result
+
+
+def _meta_dict(rec: Record) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(rec.meta)
+
+
+def run_case(spec: Spec, frameworks: list[tuple[str, str | None]], workdir: Path | None = None,
+             log: Callable[[str], None] | None = None) -> CaseResult:
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not frameworks:
+        raise UsageError("no frameworks to run: give --framework NAME==VERSION or list them in case.frameworks")
+    for name, version in frameworks:  # resolve every environment up front: a bad pin is a usage error, early
+        if get_adapter(name).unsupported(spec) is None:
+            envs.ensure(envs.request_for(name, version))
+    own_dir = workdir is None
+    wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-run-"))
+    try:
+        init = write_init_weights(spec, envs.cache_root() / "init")
+        init_tensors = load_file(str(init))
+        try:
+            ref, bound, ref_versions = run_reference(spec, init, wd)
+        except WorkerError as e:  # a broken reference is the tester's own error: every run is an error
+            runs = [RunResult(n, v, "error", f"reference failed: {e.message}", log_tail=e.log_tail)
+                    for n, v in frameworks]
+            return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None), {},
+                              elapsed_s=time.perf_counter() - t0)
+        runs = [run_framework(spec, n, v, init, ref, bound, wd, init_tensors, say) for n, v in frameworks]
+        result = CaseResult(spec.case.name, spec, runs, bound, ref_versions, elapsed_s=time.perf_counter() - t0)
+        _pairwise(result, wd)
+        return result
+    finally:
+        if own_dir:
+            shutil.rmtree(wd, ignore_errors=True)
+
+
+def _pairwise(result: CaseResult, wd: Path) -> None:
+    """Every framework run against every other; with three or more, name the one that disagrees with the rest."""
+    ok = [r for r in result.runs if r.verdict in ("agree", "diverge")]
+    records = {}
+    for r in ok:
+        d = wd / r.label.replace("==", "-") / "record"
+        if d.exists():
+            records[r.label] = Record.load(d)
+    labels = list(records)
+    for a in labels:
+        result.pairwise[a] = {}
+        for b in labels:
+            if a != b:
+                result.pairwise[a][b] = max(dict_diff(x.grads, y.grads).total.rel
+                                            for x, y in zip(records[a].steps, records[b].steps, strict=True))
+    if len(labels) >= 3:
+        bound = result.bound.value
+        for a in labels:
+            others = [b for b in labels if b != a]
+            rest_agree = all(result.pairwise[b][c] <= bound for b in others for c in others if b != c)
+            if rest_agree and all(result.pairwise[a][b] > bound for b in others):
+                result.odd_one_out = a

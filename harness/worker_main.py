@@ -1,0 +1,74 @@
+"""The worker loop (runs inside a framework's environment, one process per rank).
+
+Protocol, through files in the worker's directory so it works the same under torchrun at any world size:
+the harness writes `req-NNNN.json` ({"spec", "init", "out", "options"} or {"shutdown": true}); every rank runs it;
+rank 0 saves the record to `out` and writes `res-NNNN.json` ({"ok": true, ...}). A rank that fails writes
+{"ok": false, "error": ..., "traceback": ...}. One process serves requests until shutdown, so a framework's import
+and distributed start-up are paid once (fuzzing depends on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _wait_for(path: Path, poll: float = 0.02) -> dict:
+    while not path.exists():
+        time.sleep(poll)
+    return json.loads(path.read_text())
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="stepdiff-worker")
+    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--dir", required=True, type=Path)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = ap.parse_args(argv)
+
+    from stepdiff.adapters.base import WorkerContext
+    from stepdiff.harness.registry import get_adapter
+    from stepdiff.harness.spec import from_dict
+
+    rank = int(os.environ.get("RANK", "0"))
+    ctx = WorkerContext(rank=rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                        local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=args.device,
+                        scratch=args.dir / f"scratch-rank{rank}")
+    ctx.scratch.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adapter = get_adapter(args.adapter)()
+    adapter.setup(ctx)
+    setup_s = time.perf_counter() - t0
+    (args.dir / f"ready.{rank}").write_text(str(setup_s))
+    i = 0
+    while True:
+        req = _wait_for(args.dir / f"req-{i:04d}.json")
+        if req.get("shutdown"):
+            return 0
+        res_path = args.dir / f"res-{i:04d}.json"
+        try:
+            t1 = time.perf_counter()
+            spec = from_dict(req["spec"])
+            record = adapter.run(spec, Path(req["init"]), ctx, **req.get("options", {}))
+            if rank == 0:
+                record.meta.timings.setdefault("worker_setup_s", setup_s)
+                record.meta.timings["run_s"] = time.perf_counter() - t1
+                record.save(req["out"])
+                _write_json(res_path, {"ok": True, "out": req["out"]})
+        except Exception as e:  # reported to the harness as an error verdict, with the traceback
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            if not res_path.exists():
+                _write_json(res_path, {"ok": False, "error": f"{type(e).__name__}: {e}", "rank": rank,
+                                       "traceback": tb})
+        i += 1

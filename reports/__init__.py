@@ -1,0 +1,1 @@
+"""Reports: comparison results rendered as terminal tables, JSON, JUnit XML and Markdown."""
