@@ -129,14 +129,18 @@ def torch_dtype(name: str) -> torch.dtype:
 def build_model(spec: Spec, init_path: Path | None, dtype: str | None = None) -> Any:
     """A transformers LlamaForCausalLM from the spec's config, with the shared initial weights loaded strictly."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
     from stepdiff.harness.model import hf_config
 
     cfg = LlamaConfig(**hf_config(spec))
     cfg._attn_implementation = spec.model.attn_implementation
     torch.manual_seed(spec.model.seed)
-    model = LlamaForCausalLM(cfg)
+    if spec.loss.kind == "value":  # a value model: one scalar per token from the `score` head
+        cfg.num_labels = 1
+        model = LlamaForTokenClassification(cfg)
+    else:
+        model = LlamaForCausalLM(cfg)
     if init_path is not None:
         load_init(model, init_path)
     model.to(torch_dtype(dtype or spec.model.dtype))
@@ -159,7 +163,7 @@ def load_init(model: Any, init_path: Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(init_path))
-    if getattr(model.config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]

@@ -24,14 +24,25 @@ def samples(spec: Spec) -> tuple[Sample, ...]:
         return d.samples
     rng = random.Random(d.seed)
     low, high = 3, spec.model.vocab_size  # 0, 1, 2 are pad, eos, bos
+    rl = random.Random(f"{d.seed}:rl")  # RL extras from their own stream: SFT samples do not depend on them
     out = []
-    for _ in range(spec.samples_per_step * spec.batch.steps):
+    prompt: tuple[int, ...] = ()
+    for i in range(spec.samples_per_step * spec.batch.steps):
         p = rng.randint(*d.prompt_len)
         r = rng.randint(*d.response_len)
         response = [rng.randrange(low, high) for _ in range(r - 1 if d.append_eos else r)]
         if d.append_eos:
             response.append(d.eos_id)
-        out.append(Sample(prompt=tuple(rng.randrange(low, high) for _ in range(p)), response=tuple(response)))
+        fresh = tuple(rng.randrange(low, high) for _ in range(p))
+        if i % spec.rl.group_size == 0:  # GRPO groups share their prompt
+            prompt = fresh
+        rejected: tuple[int, ...] = ()
+        if spec.loss.kind == "dpo":
+            n = rl.randint(*d.response_len)
+            rejected = (*[rl.randrange(low, high) for _ in range(n - 1)], d.eos_id)
+        out.append(Sample(prompt=prompt, response=tuple(response), rejected=rejected,
+                          advantage=round(rl.gauss(0.0, 1.0), 4), reward=float(rl.randint(0, 3)),
+                          truncated=False, value_target=round(rl.gauss(0.0, 1.0), 4)))
     return tuple(out)
 
 

@@ -63,7 +63,9 @@ def parameter_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
             f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
         })
     shapes["model.norm.weight"] = (h,)
-    if not spec.model.tie_word_embeddings:
+    if spec.loss.kind == "value":  # a value model: LlamaForTokenClassification(num_labels=1), head named `score`
+        shapes["score.weight"] = (1, h)
+    elif not spec.model.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
     return shapes
 

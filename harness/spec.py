@@ -66,6 +66,7 @@ class Sample:
     advantage: float = doc(0.0, "RL: the sample's advantage, broadcast over its response tokens.")
     reward: float = doc(0.0, "RL: the sample's scalar reward.")
     truncated: bool = doc(False, "RL: the completion hit the length limit (no EOS).")
+    value_target: float = doc(0.0, "Value loss: the return every response token's value is regressed to.")
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,34 @@ class OptimizerSpec:
 class LossSpec:
     kind: Literal["sft", "dpo", "policy", "value"] = doc(
         "sft", "Objective: next-token SFT, DPO, PPO/GRPO policy loss or value loss.")
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = doc(
-        "token-mean", "How the reference aggregates token losses over the whole optimizer step (token-mean is correct "
-        "for SFT).")
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = doc(
+        "token-mean", "How the reference aggregates token losses over the whole optimizer step (all micro-batches and "
+        "ranks); token-mean is correct for SFT; seq-mean-token-sum-norm divides token sums by rl.max_response_len.")
+
+
+@dataclass(frozen=True)
+class RLSpec:
+    """Fields shared by every RL adapter (TRL GRPO/DPO, verl actor/critic, OpenRLHF PPO): one RL spec, not several.
+
+    Rollouts are injected, never generated: the responses are data.samples[i].response, old log-probs equal the
+    current ones (ratio 1, so clipping cannot act), the reference policy equals the initial weights, and the KL and
+    entropy coefficients are 0 unless set.
+    """
+
+    group_size: int = doc(1, "GRPO: completions per prompt (consecutive samples share a group).", minimum=1)
+    advantage: Literal["given", "group-normalized", "group-centered"] = doc(
+        "given", "Where advantages come from: Sample.advantage, or rewards normalised within each group "
+        "((r - mean) / (std + advantage_eps)) or only centred (r - mean).")
+    advantage_eps: float = doc(1e-4, "Epsilon of the group std normalisation.", minimum=0.0)
+    mask_truncated: bool = doc(False, "Truncated completions (Sample.truncated) get no loss and no share of the "
+                                      "normaliser.")
+    clip_ratio_low: float = doc(0.2, "PPO ratio clip below 1 (no effect at ratio 1, recorded for the frameworks).",
+                                minimum=0.0)
+    clip_ratio_high: float = doc(0.2, "PPO ratio clip above 1.", minimum=0.0)
+    value_clip: float = doc(0.5, "Value-loss clip range (no effect when old values equal current ones).", minimum=0.0)
+    max_response_len: int = doc(0, "Response-length normaliser of seq-mean-token-sum-norm / dr_grpo; 0 = the "
+                                   "longest response in the step.", minimum=0)
+    dpo_beta: float = doc(0.1, "DPO temperature beta.", minimum=0.0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +154,7 @@ class Spec:
     batch: BatchSpec = doc(BatchSpec(), "Micro-batch size, accumulation, world size, steps.")
     optimizer: OptimizerSpec = doc(OptimizerSpec(), "Optimizer, lr and clipping.")
     loss: LossSpec = doc(LossSpec(), "Objective and the reference's loss aggregation.")
+    rl: RLSpec = doc(RLSpec(), "RL fields: groups, advantages, truncation, clipping, DPO beta.")
     run: RunSpec = doc(RunSpec(), "Device, timeout and tolerance override.")
     knobs: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}),
                                      metadata={"doc": "Per-framework knob tables, keyed by adapter name."})
@@ -298,6 +325,12 @@ def validate(spec: Spec) -> None:
     if spec.optimizer.name == "adamw" and not all(0 <= x < 1 for x in spec.optimizer.betas):
         raise SpecError("optimizer.betas", list(spec.optimizer.betas), "each beta must be in [0, 1)",
                         "write optimizer.betas = [0.9, 0.999]")
+    if spec.loss.kind in ("policy",) and spec.rl.advantage != "given" and spec.samples_per_step % spec.rl.group_size:
+        raise SpecError("rl.group_size", spec.rl.group_size, f"does not divide the {spec.samples_per_step} samples of a "
+                        "step", "make micro_batch_size x grad_accum x world_size a multiple of rl.group_size")
+    if spec.loss.kind == "dpo" and d.samples and any(not s.rejected for s in d.samples):
+        raise SpecError("data.samples", "rejected = []", "DPO needs a rejected response in every sample",
+                        "give each sample a `rejected` list")
     for reserved in (d.pad_id, d.eos_id, d.bos_id):
         if reserved >= m.vocab_size:
             raise SpecError("data", reserved, "special id outside the vocabulary", "use ids below model.vocab_size")
