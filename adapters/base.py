@@ -96,6 +96,12 @@ class Adapter:
         return {}
 
     @classmethod
+    def install_steps(cls, version: str | None) -> list[list[str]]:
+        """Further `uv pip install` argument lists run after the main install, in order, with the same torch
+        constraint and find-links (e.g. ["--no-deps", "openrlhf==0.10.2"] or ["--no-build-isolation", "pkg==1"])."""
+        return []
+
+    @classmethod
     def unsupported(cls, spec: Spec) -> str | None:
         """Why this adapter cannot honour `spec`, or None. Checked on the host, without the framework."""
         caps = cls.capabilities

@@ -133,8 +133,8 @@ def cmd_env(args: argparse.Namespace) -> int:
         return 0
     if args.env_cmd == "build":
         for pin in args.pins:
-            name, version = parse_pin(pin)
-            env = envs.ensure(envs.request_for(name, version))
+            fp = parse_pin(pin)
+            env = envs.ensure(envs.request_for(fp.name, fp.version, fp.extra))
             state = "cached" if env.cached else f"built in {env.build_s:.1f} s"
             print(f"{env.name}: {state} at {env.path}")
         return 0

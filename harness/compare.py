@@ -54,10 +54,12 @@ class RunResult:
     log_tail: str = ""
     env_versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    extra_pins: tuple[str, ...] = ()
+    """Other pins of the run's version set, e.g. ('deepspeed==0.18.9',) next to trl."""
 
     @property
     def label(self) -> str:
-        return f"{self.framework}=={self.version}" if self.version else self.framework
+        return ",".join([f"{self.framework}=={self.version}" if self.version else self.framework, *self.extra_pins])
 
     @property
     def max_rel_grad_error(self) -> float | None:

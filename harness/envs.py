@@ -75,16 +75,21 @@ class EnvRequest:
     version: str | None
     requirements: tuple[str, ...]
     build_env: tuple[tuple[str, str], ...] = ()
+    steps: tuple[tuple[str, ...], ...] = ()
+    """Further `uv pip install` argument lists, run in order after the main install."""
+    extra_pins: tuple[str, ...] = ()
+    """User pins of other packages in the version set (e.g. 'deepspeed==0.18.9' next to trl)."""
 
     @property
     def key(self) -> str:
-        blob = json.dumps([ENV_FORMAT, self.adapter, self.version, self.requirements, self.build_env,
-                           host_torch_version(), sys.version_info[:2]])
+        blob = json.dumps([ENV_FORMAT, self.adapter, self.version, self.requirements, self.build_env, self.steps,
+                           self.extra_pins, host_torch_version(), sys.version_info[:2]])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
     def label(self) -> str:
-        return f"{self.adapter}=={self.version}" if self.version else self.adapter
+        base = f"{self.adapter}=={self.version}" if self.version else self.adapter
+        return ",".join([base, *self.extra_pins])
 
 
 @dataclass
@@ -97,13 +102,33 @@ class Environment:
     cached: bool = True
 
 
-def request_for(adapter: str, version: str | None) -> EnvRequest:
+def _dist_name(requirement: str) -> str:
+    for sep in ("==", ">=", "<=", "~=", "!=", ">", "<", "[", " ", ";", "@"):
+        requirement = requirement.split(sep, 1)[0]
+    return requirement.strip().lower().replace("_", "-")
+
+
+def request_for(adapter: str, version: str | None, extra_pins: tuple[str, ...] = ()) -> EnvRequest:
+    """The environment request of a framework run. Extra pins replace the adapter's requirement of the same
+    distribution (or add one), in the main install and in every install step."""
     cls = get_adapter(adapter)
-    return EnvRequest(adapter, version, tuple(cls.requirements(version)), tuple(sorted(cls.build_env(version).items())))
+    pinned = {_dist_name(p): p for p in extra_pins}
+
+    def apply(reqs: list[str]) -> list[str]:
+        out = [pinned.get(_dist_name(r), r) if not r.startswith("-") else r for r in reqs]
+        return out
+
+    reqs = apply(cls.requirements(version))
+    have = {_dist_name(r) for r in reqs}
+    steps = [tuple(apply(step)) for step in cls.install_steps(version)]
+    have |= {_dist_name(a) for step in steps for a in step if not a.startswith("-")}
+    reqs += [p for name, p in pinned.items() if name not in have]
+    return EnvRequest(adapter, version, tuple(reqs), tuple(sorted(cls.build_env(version).items())), tuple(steps),
+                      tuple(extra_pins))
 
 
 def env_dir(req: EnvRequest) -> Path:
-    safe = req.label.replace("==", "-").replace("/", "_")
+    safe = req.label.replace("==", "-").replace("/", "_").replace(",", "+")
     return cache_root() / "envs" / f"{safe}-{req.key}"
 
 
@@ -166,6 +191,9 @@ def _build(req: EnvRequest, d: Path) -> None:
             "--build-constraints", str(constraints), "--compile-bytecode",
             f"torch=={host_torch_version()}", "safetensors", *req.requirements]
     _run_uv(args, env, req.label)
+    for step in req.steps:
+        _run_uv(["pip", "install", "--python", str(d / "bin" / "python"), *links, "--constraint", str(constraints),
+                 "--build-constraints", str(constraints), *step], env, req.label)
 
 
 def _freeze(d: Path) -> dict[str, str]:

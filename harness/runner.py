@@ -53,16 +53,36 @@ class CaseResult:
                 "unsupported": EXIT_UNSUPPORTED}[self.verdict]
 
 
-def parse_pin(pin: str) -> tuple[str, str | None]:
-    """'deepspeed==0.18.9' -> ('deepspeed', '0.18.9'); a bare name means the newest release."""
-    name, sep, version = pin.partition("==")
+@dataclass(frozen=True)
+class FrameworkPin:
+    """One framework run: adapter name, its version, and extra pins of the version set."""
+
+    name: str
+    version: str | None
+    extra: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return ",".join([f"{self.name}=={self.version}" if self.version else self.name, *self.extra])
+
+
+def parse_pin(pin: str) -> FrameworkPin:
+    """'trl==1.16.0,deepspeed==0.18.9' -> FrameworkPin('trl', '1.16.0', ('deepspeed==0.18.9',)).
+
+    The first pin names the adapter; the others pin more packages of the same environment (a version set). A bare
+    name means the newest release."""
+    first, *rest = [p.strip() for p in pin.split(",")]
+    name, sep, version = first.partition("==")
     name = name.strip().lower()
     if not name or (sep and not version.strip()):
-        raise UsageError(f"--framework {pin!r}: expected NAME==VERSION, e.g. deepspeed==0.19.8")
+        raise UsageError(f"--framework {pin!r}: expected NAME==VERSION[,PKG==VERSION...], e.g. deepspeed==0.19.8")
     if name not in adapter_names() or name == "reference":
         known = ", ".join(n for n in adapter_names() if n != "reference")
         raise UsageError(f"--framework {pin!r}: unknown framework {name!r}; known: {known}")
-    return name, version.strip() or None
+    for extra in rest:
+        if "==" not in extra or not extra.split("==")[1]:
+            raise UsageError(f"--framework {pin!r}: extra pin {extra!r} must be PKG==VERSION")
+    return FrameworkPin(name, version.strip() or None, tuple(rest))
 
 
 def with_world_size_env(extra: dict[str, str], env: envs.Environment) -> dict[str, str]:
@@ -86,15 +106,16 @@ def run_reference(spec: Spec, init: Path, workdir: Path, calibrate: bool = True)
     return ref, bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance), host.versions
 
 
-def run_framework(spec: Spec, name: str, version: str | None, init: Path, ref: Record, bound: Bound, workdir: Path,
+def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound: Bound, workdir: Path,
                   init_tensors: dict[str, Any], log: Callable[[str], None]) -> RunResult:
+    name, version = pin.name, pin.version
     cls = get_adapter(name)
     reason = cls.unsupported(spec)
     if reason:
-        return RunResult(name, version, "unsupported", reason)
-    env = envs.ensure(envs.request_for(name, version))  # UsageError (one line) if it cannot be installed
-    label = f"{name}=={version}" if version else name
-    wdir = workdir / label.replace("==", "-")
+        return RunResult(name, version, "unsupported", reason, extra_pins=pin.extra)
+    env = envs.ensure(envs.request_for(name, version, pin.extra))  # UsageError (one line) if it cannot be installed
+    label = pin.label
+    wdir = workdir / _dirname(label)
     t0 = time.perf_counter()
     try:
         with Worker(name, env.python, spec.batch.world_size, spec.run.device,
@@ -105,10 +126,15 @@ def run_framework(spec: Spec, name: str, version: str | None, init: Path, ref: R
         result.meta = _meta_dict(rec)
     except WorkerError as e:
         result = RunResult(name, version, "error", e.message, bound, log_tail=e.log_tail)
+    result.extra_pins = pin.extra
     result.env_versions = env.versions
     result.timings = {"wall_s": time.perf_counter() - t0, "env_build_s": 0.0 if env.cached else env.build_s}
     log(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
     return result
+
+
+def _dirname(label: str) -> str:
+    return label.replace("==", "-").replace(",", "+").replace("/", "_")
 
 
 def _meta_dict(rec: Record) -> dict[str, Any]:
@@ -117,7 +143,7 @@ def _meta_dict(rec: Record) -> dict[str, Any]:
     return asdict(rec.meta)
 
 
-def run_case(spec: Spec, frameworks: list[tuple[str, str | None]], workdir: Path | None = None,
+def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Path | None = None,
              log: Callable[[str], None] | None = None) -> CaseResult:
     from safetensors.torch import load_file
 
@@ -125,9 +151,10 @@ def run_case(spec: Spec, frameworks: list[tuple[str, str | None]], workdir: Path
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not frameworks:
         raise UsageError("no frameworks to run: give --framework NAME==VERSION or list them in case.frameworks")
-    for name, version in frameworks:  # resolve every environment up front: a bad pin is a usage error, early
-        if get_adapter(name).unsupported(spec) is None:
-            envs.ensure(envs.request_for(name, version))
+    pins = [parse_pin(f) if isinstance(f, str) else f for f in frameworks]
+    for pin in pins:  # resolve every environment up front: a bad pin is a usage error, early
+        if get_adapter(pin.name).unsupported(spec) is None:
+            envs.ensure(envs.request_for(pin.name, pin.version, pin.extra))
     own_dir = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-run-"))
     try:
@@ -136,11 +163,11 @@ def run_case(spec: Spec, frameworks: list[tuple[str, str | None]], workdir: Path
         try:
             ref, bound, ref_versions = run_reference(spec, init, wd)
         except WorkerError as e:  # a broken reference is the tester's own error: every run is an error
-            runs = [RunResult(n, v, "error", f"reference failed: {e.message}", log_tail=e.log_tail)
-                    for n, v in frameworks]
+            runs = [RunResult(p.name, p.version, "error", f"reference failed: {e.message}", log_tail=e.log_tail,
+                              extra_pins=p.extra) for p in pins]
             return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None), {},
                               elapsed_s=time.perf_counter() - t0)
-        runs = [run_framework(spec, n, v, init, ref, bound, wd, init_tensors, say) for n, v in frameworks]
+        runs = [run_framework(spec, p, init, ref, bound, wd, init_tensors, say) for p in pins]
         result = CaseResult(spec.case.name, spec, runs, bound, ref_versions, elapsed_s=time.perf_counter() - t0)
         _pairwise(result, wd)
         return result
@@ -154,7 +181,7 @@ def _pairwise(result: CaseResult, wd: Path) -> None:
     ok = [r for r in result.runs if r.verdict in ("agree", "diverge")]
     records = {}
     for r in ok:
-        d = wd / r.label.replace("==", "-") / "record"
+        d = wd / _dirname(r.label) / "record"
         if d.exists():
             records[r.label] = Record.load(d)
     labels = list(records)

@@ -24,6 +24,8 @@ def run_dict(r: RunResult) -> dict[str, Any]:
     out: dict[str, Any] = {
         "framework": r.framework,
         "version": r.version,
+        "extra_pins": list(r.extra_pins),
+        "label": r.label,
         "verdict": r.verdict,
         "reason": r.reason,
         "bound": r.bound.value if r.bound else None,
