@@ -2,10 +2,23 @@
 
 One process plays every rank: for each optimizer step it runs each (rank, micro-batch) in the spec's placement,
 back-propagates that micro-batch's share of the step loss, and keeps that share's gradient separately (the
-per-micro-batch contributions the signature fit uses). The step gradient is their sum; for `token-mean` each share is
-sum(token CE in the micro-batch) / (supervised tokens in the whole step, all ranks). Then optional global-norm
+per-micro-batch contributions the signature fit uses). The step gradient is their sum. Then optional global-norm
 clipping and torch's SGD or AdamW with a constant lr. Runs in fp32, bf16 or fp64 (fp64 measures the reference's own
 rounding error for the tolerance).
+
+Losses (per supervised target token t, with the logits of position t-1):
+- sft:    cross-entropy of token t.
+- policy: PPO/GRPO surrogate at ratio 1 (old log-probs = current ones): -A * exp(logp_t - stopgrad(logp_t)), so the
+          gradient is -A * grad(logp_t); A from `data.sample_advantages` (given, or group-normalised rewards). KL and
+          entropy terms are 0. Truncated samples get no loss when rl.mask_truncated is set.
+- value:  0.5 * (V_t - R)^2 with V_t the `score` head at position t-1 and R = Sample.value_target (value clipping
+          cannot act when old values equal current ones).
+- dpo:    -log sigmoid(beta * ((logp(chosen) - ref(chosen)) - (logp(rejected) - ref(rejected)))) per pair, with
+          summed response log-probs and the initial weights as the frozen reference policy; mean over the step's pairs.
+Aggregation over the whole optimizer step (`loss.aggregation`): token-mean = sum / supervised tokens of the step;
+seq-mean-token-mean = mean over sequences of each sequence's token mean; seq-mean-token-sum = mean over sequences of
+token sums; seq-mean-token-sum-norm = mean over sequences of token sums / rl.max_response_len (or the longest
+response of the step).
 """
 
 from __future__ import annotations
@@ -21,27 +34,30 @@ from stepdiff.harness.spec import Spec
 from .base import Adapter, Capabilities, WorkerContext, build_model, framework_versions, make_optimizer
 
 
-def sequence_shares(spec: Spec, mb: D.MicroBatch, per_token: Any, step_tokens: int, step_seqs: int) -> Any:
-    """This micro-batch's share of the step loss under the spec's aggregation (the micro-batch shares sum to it)."""
-    mask = mb.loss_mask[:, 1:].to(per_token.device).to(per_token.dtype)
+def aggregate(spec: Spec, per_token: Any, mask: Any, norms: D.StepNorms) -> Any:
+    """This micro-batch's share of the step loss (the shares of all micro-batches and ranks sum to the step loss)."""
     agg = spec.loss.aggregation
     if agg == "token-mean":
-        return (per_token * mask).sum() / step_tokens
+        return (per_token * mask).sum() / max(norms.tokens, 1)
     per_seq = (per_token * mask).sum(dim=1)
     if agg == "seq-mean-token-mean":
         per_seq = per_seq / mask.sum(dim=1).clamp(min=1)
-    return per_seq.sum() / step_seqs
+    elif agg == "seq-mean-token-sum-norm":
+        per_seq = per_seq / norms.max_response_len
+    return per_seq.sum() / norms.sequences
 
 
 class ReferenceAdapter(Adapter):
     name = "reference"
     capabilities = Capabilities(
         framework="torch",
-        runs="pure PyTorch: transformers LlamaForCausalLM forward, torch autograd, torch.optim.SGD/AdamW",
-        readouts=("param.grad after each micro-batch backward (kept per micro-batch)", "loss and grad norm computed "
-                  "exactly"),
+        runs="pure PyTorch: transformers LlamaForCausalLM / LlamaForTokenClassification forward, the spec's loss "
+             "written out (sft, policy, value, dpo), torch autograd, torch.optim.SGD/AdamW",
+        readouts=("param.grad after each micro-batch backward (kept per micro-batch)",
+                  "loss and grad norm computed exactly"),
         dtypes=("float32", "bfloat16", "float64"),
         world_sizes="any (one process plays every rank)",
+        loss_kinds=("sft", "policy", "value", "dpo"),
     )
 
     def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None) -> Record:
@@ -49,41 +65,39 @@ class ReferenceAdapter(Adapter):
 
         t0 = time.perf_counter()
         dtype = dtype or spec.model.dtype
+        acc = torch.float64 if dtype == "float64" else torch.float32
         model = build_model(spec, init_path, dtype).to(ctx.torch_device)
         model.train()
-        names = [n for n, _ in model.named_parameters()]
+        frozen = None
+        if spec.loss.kind == "dpo":  # the frozen reference policy: the initial weights
+            frozen = build_model(spec, init_path, dtype).to(ctx.torch_device).eval()
+            frozen.requires_grad_(False)
         params = dict(model.named_parameters())
         opt = make_optimizer(spec, model.parameters())
         smp = D.samples(spec)
+        adv = D.sample_advantages(spec) if spec.loss.kind == "policy" else []
         b = spec.batch
         steps: list[StepRecord] = []
         extras: dict[str, torch.Tensor] = {}
         for s in range(b.steps):
-            step_tokens = D.step_token_count(spec, s)
-            step_seqs = b.world_size * b.grad_accum * b.micro_batch_size
+            norms = D.step_norms(spec, s)
             total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
             loss_total = 0.0
             for r in range(b.world_size):
                 for m in range(b.grad_accum):
-                    mb = D.collate(spec, D.micro_batch_indices(spec, s, r, m), smp)
+                    idx = D.micro_batch_indices(spec, s, r, m)
                     model.zero_grad(set_to_none=True)
-                    ids = mb.input_ids.to(ctx.torch_device)
-                    logits = model(input_ids=ids, attention_mask=mb.attention_mask.to(ctx.torch_device)).logits
-                    logits = logits[:, :-1].to(torch.float64 if dtype == "float64" else torch.float32)
-                    per_token = torch.nn.functional.cross_entropy(
-                        logits.transpose(1, 2), ids[:, 1:], reduction="none")
-                    share = sequence_shares(spec, mb, per_token, step_tokens, step_seqs)
+                    share = self._share(spec, model, frozen, idx, smp, adv, norms, ctx, acc)
                     share.backward()
                     loss_total += float(share.detach())
                     for n, p in params.items():
                         g = p.grad if p.grad is not None else torch.zeros_like(p)
-                        extras[f"contrib/{s}/{r}/{m}/{n}"] = g.detach().to(torch.float64 if dtype == "float64"
-                                                                            else torch.float32).cpu().clone()
+                        extras[f"contrib/{s}/{r}/{m}/{n}"] = g.detach().to(acc).cpu().clone()
                         total[n] += g.detach().double()
             for n, p in params.items():
                 p.grad = total[n].to(p.dtype)
-            grads = {n: total[n].float().cpu() if dtype != "float64" else total[n].cpu() for n in names}
-            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in total.values())))
+            grads = {n: t.to(acc).cpu() for n, t in total.items()}
+            norm = float(torch.sqrt(sum((g ** 2).sum() for g in total.values())))
             if spec.optimizer.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip_grad_norm)
             opt.step()
@@ -94,5 +108,49 @@ class ReferenceAdapter(Adapter):
             adapter=self.name, framework_version=torch.__version__, code_path=self.capabilities.runs,
             readout=self.capabilities.readouts[0], device=ctx.device, world_size=spec.batch.world_size, dtype=dtype,
             versions=framework_versions(), timings={"run_s": time.perf_counter() - t0},
+            extra={"step_norms": [vars(D.step_norms(spec, s)) for s in range(b.steps)]},
         )
         return Record(meta=meta, steps=steps, extras=extras)
+
+    def _share(self, spec: Spec, model: Any, frozen: Any, idx: list[int], smp: tuple[D.Sample, ...],
+               adv: list[float], norms: D.StepNorms, ctx: WorkerContext, acc: Any) -> Any:
+        import torch
+
+        dev = ctx.torch_device
+        kind = spec.loss.kind
+        if kind == "dpo":
+            return self._dpo_share(spec, model, frozen, idx, smp, norms, ctx, acc)
+        mb = D.collate(spec, idx, smp)
+        ids = mb.input_ids.to(dev)
+        out = model(input_ids=ids, attention_mask=mb.attention_mask.to(dev)).logits[:, :-1].to(acc)
+        keep = torch.tensor([1.0 if D.included(spec, smp[i]) else 0.0 for i in idx], dtype=acc, device=dev)
+        mask = mb.loss_mask[:, 1:].to(dev).to(acc) * keep[:, None]
+        if kind == "value":
+            target = torch.tensor([smp[i].value_target for i in idx], dtype=acc, device=dev)[:, None]
+            per_token = 0.5 * (out[..., 0] - target) ** 2
+        else:
+            ce = torch.nn.functional.cross_entropy(out.transpose(1, 2), ids[:, 1:], reduction="none")
+            if kind == "sft":
+                per_token = ce
+            else:  # policy, ratio 1
+                logp = -ce
+                a = torch.tensor([adv[i] for i in idx], dtype=acc, device=dev)[:, None]
+                per_token = -a * torch.exp(logp - logp.detach())
+        return aggregate(spec, per_token, mask, norms)
+
+    def _dpo_share(self, spec: Spec, model: Any, frozen: Any, idx: list[int], smp: tuple[D.Sample, ...],
+                   norms: D.StepNorms, ctx: WorkerContext, acc: Any) -> Any:
+        import torch
+
+        def seq_logp(net: Any, which: str) -> Any:
+            mb = D.collate(spec, idx, smp, which=which)
+            ids = mb.input_ids.to(ctx.torch_device)
+            logits = net(input_ids=ids, attention_mask=mb.attention_mask.to(ctx.torch_device)).logits[:, :-1].to(acc)
+            logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            return (logp * mb.loss_mask[:, 1:].to(ctx.torch_device).to(acc)).sum(dim=1)
+
+        with torch.no_grad():
+            ref_c, ref_r = seq_logp(frozen, "response"), seq_logp(frozen, "rejected")
+        margin = (seq_logp(model, "response") - ref_c) - (seq_logp(model, "rejected") - ref_r)
+        losses = -torch.nn.functional.logsigmoid(spec.rl.dpo_beta * margin)
+        return losses.sum() / norms.sequences

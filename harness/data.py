@@ -61,10 +61,12 @@ def rank_indices(spec: Spec, rank: int) -> list[int]:
     return [i for s in range(b.steps) for m in range(b.grad_accum) for i in micro_batch_indices(spec, s, rank, m)]
 
 
-def supervised_targets(spec: Spec, sample: Sample) -> list[bool]:
-    """For each position t >= 1 of prompt+response: is token t a supervised next-token target?"""
+def supervised_targets(spec: Spec, sample: Sample, which: str = "response") -> list[bool]:
+    """For each position t >= 1 of prompt+response: is token t a supervised next-token target?
+
+    `which="rejected"` uses the DPO rejected response instead of the response."""
     n_prompt = len(sample.prompt)
-    ids = (*sample.prompt, *sample.response)
+    ids = (*sample.prompt, *(sample.rejected if which == "rejected" else sample.response))
     if spec.data.supervise == "all":
         return [True] * (len(ids) - 1)
     return [t >= n_prompt for t in range(1, len(ids))]
@@ -97,21 +99,71 @@ class MicroBatch:
         return int(self.loss_mask.sum().item())
 
 
-def collate(spec: Spec, indices: list[int], all_samples: tuple[Sample, ...] | None = None) -> MicroBatch:
+def collate(spec: Spec, indices: list[int], all_samples: tuple[Sample, ...] | None = None,
+            which: str = "response") -> MicroBatch:
+    """Right-padded tensors of prompt+response (or prompt+rejected with which="rejected")."""
     import torch
 
     smp = all_samples if all_samples is not None else samples(spec)
     rows = [smp[i] for i in indices]
-    length = max(len(s.prompt) + len(s.response) for s in rows)
+
+    def resp(s: Sample) -> tuple[int, ...]:
+        return s.rejected if which == "rejected" else s.response
+
+    length = max(len(s.prompt) + len(resp(s)) for s in rows)
     ids = torch.full((len(rows), length), spec.data.pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), length), dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for b, s in enumerate(rows):
-        seq = (*s.prompt, *s.response)
+        seq = (*s.prompt, *resp(s))
         ids[b, : len(seq)] = torch.tensor(seq)
         attn[b, : len(seq)] = 1
-        mask[b, 1 : len(seq)] = torch.tensor(supervised_targets(spec, s), dtype=torch.long)
+        mask[b, 1 : len(seq)] = torch.tensor(supervised_targets(spec, s, which), dtype=torch.long)
     return MicroBatch(ids, attn, mask, list(indices))
+
+
+def sample_advantages(spec: Spec) -> list[float]:
+    """Per-sample advantages: Sample.advantage ("given"), or rewards normalised within consecutive groups of
+    rl.group_size ((r - mean) / (std + eps), std with Bessel's correction as TRL and verl compute it) or centred."""
+    smp = samples(spec)
+    rl = spec.rl
+    if rl.advantage == "given":
+        return [s.advantage for s in smp]
+    out = []
+    g = rl.group_size
+    for start in range(0, len(smp), g):
+        rewards = [s.reward for s in smp[start : start + g]]
+        mean = sum(rewards) / len(rewards)
+        std = (sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) ** 0.5 if len(rewards) > 1 else 0.0
+        for r in rewards:
+            out.append(r - mean if rl.advantage == "group-centered" else (r - mean) / (std + rl.advantage_eps))
+    return out
+
+
+def included(spec: Spec, sample: Sample) -> bool:
+    """Does the sample take part in the loss? (Not when it is truncated and rl.mask_truncated is set.)"""
+    return not (spec.rl.mask_truncated and sample.truncated)
+
+
+@dataclass(frozen=True)
+class StepNorms:
+    """The denominators of one optimizer step's loss under every aggregation (all micro-batches, all ranks)."""
+
+    tokens: int
+    """Supervised tokens of included samples."""
+    sequences: int
+    """Sequences (pairs for DPO) in the step, included or not."""
+    max_response_len: int
+    """rl.max_response_len, or the longest supervised response in the step."""
+
+
+def step_norms(spec: Spec, step: int) -> StepNorms:
+    smp = samples(spec)
+    b = spec.batch
+    idx = [i for r in range(b.world_size) for m in range(b.grad_accum) for i in micro_batch_indices(spec, step, r, m)]
+    tokens = sum(token_count(spec, smp[i]) for i in idx if included(spec, smp[i]))
+    longest = max(token_count(spec, smp[i]) for i in idx)
+    return StepNorms(tokens, len(idx), spec.rl.max_response_len or longest)
 
 
 def step_token_count(spec: Spec, step: int) -> int:

@@ -65,6 +65,7 @@ def parameter_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     shapes["model.norm.weight"] = (h,)
     if spec.loss.kind == "value":  # a value model: LlamaForTokenClassification(num_labels=1), head named `score`
         shapes["score.weight"] = (1, h)
+        shapes["score.bias"] = (1,)
     elif not spec.model.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
     return shapes
