@@ -113,7 +113,7 @@ def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound:
     reason = cls.unsupported(spec)
     if reason:
         return RunResult(name, version, "unsupported", reason, extra_pins=pin.extra)
-    env = envs.ensure(envs.request_for(name, version, pin.extra))  # UsageError (one line) if it cannot be installed
+    env = _environment(pin)  # UsageError (one line) if it cannot be installed
     label = pin.label
     wdir = workdir / _dirname(label)
     t0 = time.perf_counter()
@@ -131,6 +131,12 @@ def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound:
     result.timings = {"wall_s": time.perf_counter() - t0, "env_build_s": 0.0 if env.cached else env.build_s}
     log(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
     return result
+
+
+def _environment(pin: FrameworkPin) -> envs.Environment:
+    if getattr(get_adapter(pin.name), "host_env", False):  # self-test adapters run in the host's python
+        return envs.host_environment()
+    return envs.ensure(envs.request_for(pin.name, pin.version, pin.extra))
 
 
 def _dirname(label: str) -> str:
@@ -154,7 +160,7 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
     pins = [parse_pin(f) if isinstance(f, str) else f for f in frameworks]
     for pin in pins:  # resolve every environment up front: a bad pin is a usage error, early
         if get_adapter(pin.name).unsupported(spec) is None:
-            envs.ensure(envs.request_for(pin.name, pin.version, pin.extra))
+            _environment(pin)
     own_dir = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-run-"))
     try:

@@ -1,0 +1,350 @@
+"""CPU support for the verl adapter: verl's own plugin API where the release has one, the smallest patches elsewhere.
+
+Everything here runs inside a verl worker environment; nothing is imported at module import time except the
+standard library. Each function returns the `Patch.target` names it applied (stepdiff.adapters.verl.PATCHES).
+None of these touches the loss, its aggregation, the backward or the optimizer step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from typing import Any
+
+# ----------------------------------------------------------------------------------------------------------------
+# P10: a stub `ray` (verl imports it at module level; nothing ray-backed runs here)
+
+
+class _StubMeta(type):
+    """A class that stands for any ray attribute: calling it with one callable returns the callable (decorators such
+    as @ray.remote), any other call or attribute gives another stub; isinstance(x, stub) is always False."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stub_class(f"{cls.__name__}.{name}")
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return args[0]
+        return cls
+
+
+def _stub_class(name: str) -> Any:
+    return _StubMeta(name, (), {})
+
+
+class _RayStubLoader(importlib.abc.Loader):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        mod = types.ModuleType(spec.name)
+        mod.__path__ = []  # a package: `import ray.util.x` works
+        mod.__stepdiff_stub__ = True
+
+        def __getattr__(name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _stub_class(f"{spec.name}.{name}")
+
+        mod.__getattr__ = __getattr__  # type: ignore[method-assign]
+        mod.is_initialized = lambda: False
+        return mod
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+class _RayStubFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname == "ray" or fullname.startswith("ray."):
+            return importlib.machinery.ModuleSpec(fullname, _RayStubLoader(), is_package=True)
+        return None
+
+
+def install_ray_stub() -> list[str]:
+    """P10: only when ray is not installed (the adapter's environments leave it out: 240 MB, never used)."""
+    if importlib.util.find_spec("ray") is not None and not getattr(sys.modules.get("ray"), "__stepdiff_stub__", False):
+        return []
+    if not any(isinstance(f, _RayStubFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RayStubFinder())
+    return ["ray"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P1: verl >= 0.9 CPU platform through verl.plugin.platform (PlatformRegistry.register + set_platform)
+
+
+def install_cpu_platform() -> list[str]:
+    try:
+        from verl.plugin.platform import PlatformBase, PlatformRegistry, set_platform
+    except ImportError:
+        return []
+    import contextlib
+
+    import torch
+
+    def _zero(*a: Any, **k: Any) -> int:
+        return 0
+
+    def _noop(*a: Any, **k: Any) -> None:
+        return None
+
+    device_module = types.SimpleNamespace(
+        is_available=lambda: True, current_device=lambda: "cpu", device_count=lambda: 1, set_device=_noop,
+        synchronize=_noop, empty_cache=_noop, ipc_collect=_noop, manual_seed=torch.manual_seed,
+        manual_seed_all=torch.manual_seed, memory_allocated=_zero, memory_reserved=_zero,
+        max_memory_allocated=_zero, max_memory_reserved=_zero, reset_peak_memory_stats=_noop,
+        mem_get_info=lambda *a, **k: (0, 0), get_rng_state=torch.get_rng_state, set_rng_state=torch.set_rng_state,
+        current_stream=lambda *a, **k: torch.cpu.current_stream(), stream=torch.cpu.stream, Stream=torch.cpu.Stream,
+        Event=torch.cpu.Event if hasattr(torch.cpu, "Event") else _noop, is_bf16_supported=lambda *a, **k: True,
+        get_device_name=lambda *a, **k: "cpu", memory_stats=lambda *a, **k: {},
+    )
+
+    class PlatformCPU(PlatformBase):  # type: ignore[misc, valid-type]
+        """stepdiff's CPU platform for verl's plugin API (gloo, torch's CPU device)."""
+
+        @property
+        def device_name(self) -> str:
+            return "cpu"
+
+        @property
+        def vendor_name(self) -> str:
+            return "cpu"
+
+        @property
+        def device_module(self) -> Any:
+            return device_module
+
+        def is_available(self) -> bool:
+            return True
+
+        def is_platform_available(self, use_smi_check: bool = False) -> bool:
+            return True
+
+        def current_device(self) -> Any:
+            return "cpu"  # used as `.to(get_device_id())` and FSDP's device_id
+
+        def device_count(self) -> int:
+            return 1
+
+        def set_device(self, device_index: int) -> None:
+            pass
+
+        def synchronize(self, device_index: Any = None) -> None:
+            pass
+
+        def manual_seed(self, seed: int) -> None:
+            torch.manual_seed(seed)
+
+        def manual_seed_all(self, seed: int) -> None:
+            torch.manual_seed(seed)
+
+        def set_allocator_settings(self, settings: str) -> None:
+            pass
+
+        def empty_cache(self) -> None:
+            pass
+
+        def get_device_capability(self, device_index: int = 0) -> tuple[Any, Any]:
+            return (None, None)
+
+        def communication_backend_name(self) -> str:
+            return "gloo"
+
+        def visible_devices_envvar(self) -> str:
+            return "CUDA_VISIBLE_DEVICES"
+
+        def nvtx_range(self, msg: str) -> Any:
+            return contextlib.nullcontext()
+
+        def profiler_start(self) -> None:
+            pass
+
+        def profiler_stop(self) -> None:
+            pass
+
+        def ray_resource_name(self) -> str:
+            return "CPU"
+
+        def ray_noset_envvars(self) -> list[str]:
+            return []
+
+        def is_ipc_supported(self) -> bool:
+            return False
+
+        def cudart(self) -> Any:
+            return None
+
+    PlatformRegistry.register(platform="cpu")(PlatformCPU)
+    set_platform(PlatformCPU())
+    return ["verl.plugin.platform (PlatformCPU)"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P3: engine registry keyed on cuda/npu only (0.7/0.8: register the FSDP engines for device 'cpu')
+
+
+def register_cpu_engines() -> list[str]:
+    try:
+        from verl.workers.engine import EngineRegistry
+        from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+    except ImportError:
+        return []
+    from verl.utils.device import get_device_name
+
+    device = get_device_name()
+    done = []
+    for model_type, cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
+        registry = getattr(EngineRegistry, "_engines", None)
+        try:
+            if registry is not None and registry.get(model_type, {}).get("fsdp2", {}).get(device) is cls:
+                continue
+        except AttributeError:
+            pass
+        EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device=device)(cls)
+        done.append(model_type)
+    return ["verl.workers.engine.EngineRegistry (device 'cpu')"] if done else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P5: verl.utils.attention_utils imports flash_attn.bert_padding on non-NPU hosts (0.5-0.8)
+
+
+def _unpad_input(hidden_states: Any, attention_mask: Any, unused_mask: Any = None) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    all_masks = (attention_mask + unused_mask) if unused_mask is not None else attention_mask
+    seqlens_in_batch = all_masks.sum(dim=-1, dtype=torch.int32)
+    used_seqlens_in_batch = attention_mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(all_masks.flatten(), as_tuple=False).flatten()
+    max_seqlen_in_batch = int(seqlens_in_batch.max().item())
+    cu_seqlens = F.pad(torch.cumsum(seqlens_in_batch, dim=0, dtype=torch.int32), (1, 0))
+    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
+    return (flat[indices], indices, cu_seqlens, max_seqlen_in_batch, used_seqlens_in_batch)
+
+
+def _pad_input(hidden_states: Any, indices: Any, batch: int, seqlen: int) -> Any:
+    import torch
+
+    out = torch.zeros((batch * seqlen, *hidden_states.shape[1:]), device=hidden_states.device,
+                      dtype=hidden_states.dtype)
+    out[indices] = hidden_states
+    return out.reshape(batch, seqlen, *hidden_states.shape[1:])
+
+
+def _index_first_axis(x: Any, indices: Any) -> Any:
+    return x.reshape(x.shape[0], -1).index_select(0, indices).reshape(-1, *x.shape[1:]) if x.dim() > 1 \
+        else x.index_select(0, indices)
+
+
+def patch_attention_utils() -> list[str]:
+    try:
+        au = importlib.import_module("verl.utils.attention_utils")
+    except ImportError:
+        return []
+    if not hasattr(au, "_get_attention_functions"):
+        return []
+    try:
+        au._get_attention_functions()
+        return []  # the release ships pure-torch fallbacks (0.9) or flash_attn is installed
+    except ImportError:
+        pass
+    from einops import rearrange
+
+    au._get_attention_functions = lambda: (_index_first_axis, _pad_input, rearrange, _unpad_input)
+    return ["verl.utils.attention_utils._get_attention_functions"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P6: hard-coded bf16 torch.autocast on CPU (0.5/0.6 fsdp_sft_trainer, 0.7 engine): disabled on CPU
+
+
+def patch_cpu_autocast(modules: list[str]) -> list[str]:
+    """Give the named verl modules a `torch` whose `autocast` is disabled for device_type 'cpu'. Only those modules
+    see it; torch itself is untouched."""
+    import torch
+
+    class _CpuOffAutocast(torch.autocast):  # type: ignore[misc, name-defined]
+        def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+            if device_type == "cpu":
+                kwargs["enabled"] = False
+            super().__init__(device_type, *args, **kwargs)
+
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update({k: v for k, v in torch.__dict__.items()})
+    proxy.autocast = _CpuOffAutocast
+    done = []
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+            done.append(name)
+    return [f"{m}.torch.autocast" for m in done]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P7: torch.cpu lacks the CUDA memory statistics verl logs
+
+
+def patch_cpu_memory_stats() -> list[str]:
+    import torch
+
+    done = []
+    for name in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved",
+                 "reset_peak_memory_stats", "empty_cache", "mem_get_info"):
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, (lambda *a, **k: (0, 0)) if name == "mem_get_info" else (lambda *a, **k: 0))
+            done.append(name)
+    return ["torch.cpu memory statistics (" + ", ".join(done) + ")"] if done else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P4: FSDP1 refuses sync_module_states with CPU parameters
+
+
+def patch_fsdp1_sync_module_states() -> list[str]:
+    try:
+        iu = importlib.import_module("torch.distributed.fsdp._init_utils")
+    except ImportError:
+        return []
+    if hasattr(iu, "_check_module_states_for_sync_module_states"):
+        iu._check_module_states_for_sync_module_states = lambda *a, **k: None
+        return ["torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# P8: verl.utils.model.load_valuehead_model hard-codes flash_attention_2 (0.8/0.9)
+
+
+def patch_valuehead_loader(attn_implementation: str) -> list[str]:
+    try:
+        um = importlib.import_module("verl.utils.model")
+    except ImportError:
+        return []
+    if not hasattr(um, "load_valuehead_model") or getattr(um.load_valuehead_model, "_stepdiff", False):
+        return []
+    import inspect
+
+    src = inspect.getsource(um.load_valuehead_model)
+    if "flash_attention_2" not in src:
+        return []
+
+    def load_valuehead_model(local_path: str, torch_dtype: Any, model_config: Any, trust_remote_code: bool) -> Any:
+        from transformers import AutoModelForTokenClassification
+
+        model_config.classifier_dropout = 0.0
+        return AutoModelForTokenClassification.from_pretrained(
+            pretrained_model_name_or_path=local_path, torch_dtype=torch_dtype, config=model_config,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+
+    load_valuehead_model._stepdiff = True  # type: ignore[attr-defined]
+    um.load_valuehead_model = load_valuehead_model
+    return ["verl.utils.model.load_valuehead_model"]
