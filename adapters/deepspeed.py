@@ -73,6 +73,7 @@ PATCHES = (
 
 class DeepSpeedAdapter(Adapter):
     name = "deepspeed"
+    conformance_knobs = {"zero_stage": 2, "offload_optimizer": "cpu"}  # the offload path, where the bugs live
     capabilities = Capabilities(
         framework="deepspeed",
         runs="deepspeed.init_distributed + deepspeed.initialize(model, torch optimizer, config) + "

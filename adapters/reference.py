@@ -49,6 +49,7 @@ def aggregate(spec: Spec, per_token: Any, mask: Any, norms: D.StepNorms) -> Any:
 
 class ReferenceAdapter(Adapter):
     name = "reference"
+    host_env = True  # runs in the host's python: needs only torch and transformers
     capabilities = Capabilities(
         framework="torch",
         runs="pure PyTorch: transformers LlamaForCausalLM / LlamaForTokenClassification forward, the spec's loss "

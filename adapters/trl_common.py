@@ -101,8 +101,6 @@ def common_args(spec: Spec, ctx: WorkerContext, out_dir: str, trainer_cls: Any, 
         include_num_input_tokens_seen=False, label_smoothing_factor=0.0,
         neftune_noise_alpha=None, use_liger_kernel=False,
     )
-    if o.name == "sgd" and o.momentum:
-        args["optim_args"] = f"momentum={o.momentum}"
     if ctx.device == "cpu" and ctx.world_size > 1:
         args["ddp_backend"] = "gloo"
     if ds_config is not None:
@@ -207,10 +205,6 @@ def hook_trainer(trainer: Any, cap: Capture, grads_from_clip: bool) -> None:
         acc.clip_grad_norm_ = clip_grad_norm_
 
 
-class StepLossCallbackMixin:
-    pass
-
-
 def close_step(cap: Capture, ctx: WorkerContext) -> None:
     """End of an optimizer step: the summed micro-batch losses, averaged over ranks as the Trainer logs them."""
     import torch
@@ -296,3 +290,38 @@ def check_sft_placement(spec: Spec, ctx: WorkerContext, cap: Capture) -> dict[st
                 lab = inp["labels"][row, : len(seq)].tolist()
                 targets[str(i)] = [t for t in range(1, len(seq)) if lab[t] != -100]
     return targets
+
+
+def finish(spec: Spec, ctx: WorkerContext, cap: Capture, trainer: Any, notes: list[str], patches: list[str],
+           extra: dict[str, Any], code_path: str, placement: Any = None) -> dict[str, Any]:
+    """Check that every step happened once and assemble the adapter's per-step outputs."""
+    b = spec.batch
+    step_logs = [lg for lg in cap.logs if "loss" in lg and "train_runtime" not in lg]
+    problems = []
+    if len(cap.grads) != b.steps:
+        problems.append(f"{len(cap.grads)} gradient read-outs for {b.steps} steps")
+    if len(cap.params) != b.steps or len(cap.step_losses) != b.steps:
+        problems.append(f"{len(cap.params)} parameter read-outs and {len(cap.step_losses)} step ends for "
+                        f"{b.steps} steps")
+    if len(step_logs) != b.steps:
+        problems.append(f"{len(step_logs)} Trainer log lines with a loss for {b.steps} steps")
+    if problems:
+        raise RuntimeError("TRL did not run the spec's steps: " + "; ".join(problems))
+    warnings: list[str] = list(notes)
+    logged = [float(lg["loss"]) for lg in step_logs]
+    for s, (raw, lg) in enumerate(zip(cap.step_losses, logged, strict=True)):
+        if abs(raw - lg) > 1e-4 * max(1.0, abs(raw)) + 5e-5:
+            warnings.append(f"step {s}: logged loss {lg} differs from the Trainer's accumulated loss {raw}")
+    norms = [float(lg["grad_norm"]) if lg.get("grad_norm") is not None else None for lg in step_logs]
+    targets = placement(spec, ctx, cap) if placement is not None else {}
+    if targets:
+        extra["supervised_targets"] = targets
+    extra["logged_loss"] = logged
+    extra["num_items_in_batch"] = [None if n is None else float(n) for n in cap.num_items]
+    extra["average_tokens_across_devices"] = getattr(trainer.args, "average_tokens_across_devices", "absent")
+    extra["readout_calls"] = cap.readout_calls
+    extra["model_accepts_loss_kwargs"] = getattr(trainer, "model_accepts_loss_kwargs", "absent")
+    return {"losses": cap.step_losses, "grad_norms": norms, "grads": cap.grads, "params": cap.params,
+            "patches": patches, "warnings": warnings, "extra": extra, "code_path": code_path,
+            "readout": "clip_grad_norm_ wrapper" if not extra.get("ds_config") else
+            "DeepSpeedEngine.step wrapper: safe_get_full_grad before the boundary step"}

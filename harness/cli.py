@@ -143,6 +143,21 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run_conformance
+    from .runner import FrameworkPin, parse_pin
+
+    failed = 0
+    for pin_text in args.pins:
+        pin = FrameworkPin("reference", None) if pin_text == "reference" else parse_pin(pin_text)
+        print(f"conformance of {pin.label}:")
+        for c in run_conformance(pin):
+            mark = {True: "PASS", False: "FAIL", None: "n/a "}[c.passed]
+            failed += c.passed is False
+            print(f"  {mark}  {c.name:12s} {c.detail}")
+    return 1 if failed else 0
+
+
 def cmd_cases(args: argparse.Namespace) -> int:
     from . import spec as S
 
@@ -194,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm = env_sub.add_parser("remove")
     rm.add_argument("pattern", nargs="?", help="remove environments whose name contains this (default: all)")
     env.set_defaults(func=cmd_env)
+    conf = sub.add_parser("conformance", help="run the adapter conformance kit against framework runs")
+    conf.add_argument("pins", nargs="+", metavar="NAME==VERSION", help="framework pins, or 'reference'")
+    conf.set_defaults(func=cmd_conformance)
     cases = sub.add_parser("cases", help="list the bundled cases")
     cases.set_defaults(func=cmd_cases)
     sh = sub.add_parser("spec-help", help="every case-file field with its default and meaning")
