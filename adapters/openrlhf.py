@@ -184,6 +184,7 @@ class OpenRLHFAdapter(Adapter):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         set_dist_env(ctx)
         S.env_for_run(ctx.scratch)
+        ctx.state["torch_extensions"] = S.share_torch_extensions()
         ctx.state["patches"] = S.apply_cpu_patches(ctx.device)
         ctx.state["runs"] = 0
 
@@ -277,6 +278,7 @@ class OpenRLHFAdapter(Adapter):
             "logged": rec.logs, "backward_losses": rec.backward_losses,
             "engine_grad_norms": [st.get("engine_norm") for st in rec.steps],
             "eps_from_release_default": eps_note is not None,
+            "torch_extensions_dir": ctx.state.get("torch_extensions"),
         }
         if torch.distributed.is_initialized() and ctx.world_size > 1:
             torch.distributed.barrier()
@@ -296,6 +298,7 @@ def _import_and_patch_fp32() -> None:
 
     importlib.import_module("openrlhf.cli.train_sft")
     S.patch_fp32_dtype()
+    sys.modules.pop("openrlhf.cli.train_sft", None)  # runpy executes it afresh as __main__
 
 
 class _Recorder:

@@ -88,7 +88,7 @@ def release_pins(version: str | None) -> tuple[str | None, str | None, str]:
 # Patches (each one is CPU glue; none is on the loss/gradient path)
 
 PATCHES = (
-    Patch("sys.modules['flash_attn_2_cuda']", "a stub module whose attributes raise",
+    Patch("sys.modules['flash_attn_2_cuda']", "a stub module whose attributes raise AttributeError",
           "flash_attn/__init__ imports its CUDA extension; OpenRLHF imports flash_attn.bert_padding (pure torch) at "
           "module level. flash-attn is installed from its sdist without kernels; no kernel is ever called"),
     Patch("torch.cuda.set_device", "no-op on CPU",
@@ -129,7 +129,8 @@ def install_flash_attn_stub() -> None:
     stub = types.ModuleType("flash_attn_2_cuda")
 
     def __getattr__(name: str) -> Any:  # noqa: N807
-        raise RuntimeError(f"flash_attn_2_cuda.{name}: flash-attn CUDA kernels are not built in this environment")
+        # AttributeError (not RuntimeError): hasattr()/inspect probe modules for __file__ and the like
+        raise AttributeError(f"flash_attn_2_cuda.{name}: flash-attn CUDA kernels are not built in this environment")
 
     stub.__getattr__ = __getattr__  # type: ignore[attr-defined]
     sys.modules["flash_attn_2_cuda"] = stub
@@ -413,6 +414,24 @@ def full_grads(engine: Any) -> dict[str, Any]:
             raise RuntimeError(f"no gradient for {name} before the optimizer step")
         out[name] = g.detach().float().cpu().clone()
     return out
+
+
+def share_torch_extensions() -> str:
+    """DeepSpeed JIT-compiles its CPU Adam ops on first use (1-4 min on 2 cores). The build depends only on the
+    DeepSpeed, torch and Python versions, so OpenRLHF environments with the same DeepSpeed share one build directory
+    (torch's own file lock serialises concurrent builds) under the stepdiff cache instead of one per environment."""
+    from importlib import metadata
+
+    root = Path(os.environ.get("STEPDIFF_CACHE", Path.home() / ".cache" / "stepdiff"))
+    try:
+        ds = metadata.version("deepspeed")
+        tv = metadata.version("torch").split("+")[0]
+    except metadata.PackageNotFoundError:
+        return os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    d = root / "torch_extensions" / f"deepspeed-{ds}-torch-{tv}-py{sys.version_info[0]}{sys.version_info[1]}"
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(d)
+    return str(d)
 
 
 def env_for_run(scratch: Path) -> None:

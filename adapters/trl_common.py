@@ -307,6 +307,9 @@ def finish(spec: Spec, ctx: WorkerContext, cap: Capture, trainer: Any, notes: li
         problems.append(f"{len(step_logs)} Trainer log lines with a loss for {b.steps} steps")
     if problems:
         raise RuntimeError("TRL did not run the spec's steps: " + "; ".join(problems))
+    n_proc = getattr(trainer.accelerator, "num_processes", None)
+    if n_proc != ctx.world_size:
+        raise RuntimeError(f"accelerate runs {n_proc} processes, the spec's world size is {ctx.world_size}")
     warnings: list[str] = list(notes)
     logged = [float(lg["loss"]) for lg in step_logs]
     for s, (raw, lg) in enumerate(zip(cap.step_losses, logged, strict=True)):
@@ -320,6 +323,8 @@ def finish(spec: Spec, ctx: WorkerContext, cap: Capture, trainer: Any, notes: li
     extra["num_items_in_batch"] = [None if n is None else float(n) for n in cap.num_items]
     extra["average_tokens_across_devices"] = getattr(trainer.args, "average_tokens_across_devices", "absent")
     extra["readout_calls"] = cap.readout_calls
+    extra["accelerate_distributed_type"] = str(getattr(trainer.accelerator, "distributed_type", ""))
+    extra["accelerate_num_processes"] = n_proc
     extra["model_accepts_loss_kwargs"] = getattr(trainer, "model_accepts_loss_kwargs", "absent")
     return {"losses": cap.step_losses, "grad_norms": norms, "grads": cap.grads, "params": cap.params,
             "patches": patches, "warnings": warnings, "extra": extra, "code_path": code_path,

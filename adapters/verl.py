@@ -123,7 +123,7 @@ def _deps(version: str | None) -> list[str]:
     """verl is installed --no-deps (its full requirements pull ray[default], vllm pins, wandb ...): these are what
     the code paths driven here import (cpu-recipe-verl.md section 1), without ray (P10)."""
     v = _vt(version)
-    common = ["packaging", "hydra-core", "codetiming", "peft", "datasets", "torchdata", "pillow", "psutil"]
+    common = ["packaging", "hydra-core", "codetiming", "peft", "datasets>=3", "torchdata", "pillow", "psutil"]
     if v >= (0, 9):
         return [*common, "numpy>=2", "tensordict>=0.8,<=0.10.0,!=0.9.0", "transformers>=5.5.3,<5.11,!=5.6.0",
                 "uvicorn", "fastapi"]

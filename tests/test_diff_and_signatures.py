@@ -1,0 +1,100 @@
+"""The diff engine, tolerances and the micro-batch weight fit on synthetic gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stepdiff.harness.diff import dict_diff, scalar_rel, tensor_diff
+from stepdiff.harness.signatures import candidate_patterns, describe, fit_weights
+from stepdiff.harness.tolerance import bound_for
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_tensor_diff_numbers() -> None:
+    r = torch.tensor([3.0, 4.0])
+    d = tensor_diff("x", torch.tensor([3.0, 4.5]), r)
+    assert d.rel == pytest.approx(0.1)
+    assert d.max_abs == pytest.approx(0.5)
+    assert d.cosine == pytest.approx((9 + 18) / (5 * math.hypot(3, 4.5)))
+    assert tensor_diff("x", r, r).rel == 0.0
+
+
+def test_dict_diff_ranks_and_guards() -> None:
+    ref = {"a": rand(10, seed=0), "b": rand(10, seed=1), "tiny": torch.full((10,), 1e-12)}
+    a = {"a": ref["a"], "b": ref["b"] * 1.5, "tiny": torch.full((10,), 2e-12)}
+    dd = dict_diff(a, ref)
+    assert dd.per_param[0].name == "b" and dd.per_param[0].rel == pytest.approx(0.5)
+    tiny = next(p for p in dd.per_param if p.name == "tiny")
+    assert tiny.rel < 1e-6  # guarded: 1e-12 of noise on a zero-ish gradient is not a 100 % error
+    assert dd.total.rel == pytest.approx(0.5 * float(ref["b"].norm()) / math.sqrt(
+        float(ref["a"].norm()) ** 2 + float(ref["b"].norm()) ** 2), rel=1e-6)
+    missing = dict_diff({"a": ref["a"]}, ref)
+    assert set(missing.missing) == {"b", "tiny"}
+
+
+def test_scalar_rel() -> None:
+    assert scalar_rel(1.1, 1.0) == pytest.approx(0.1)
+    assert scalar_rel(None, 1.0) is None
+    assert scalar_rel(float("nan"), 1.0) is None
+
+
+def test_bound_is_calibrated_and_named() -> None:
+    b = bound_for("float32", 1e-7)
+    assert b.value == 1e-4 and "floor" in b.source
+    b = bound_for("float32", 1e-5)
+    assert b.value == pytest.approx(1e-3) and "100 x reference" in b.source
+    assert bound_for("bfloat16", None).value == 5e-2
+    assert bound_for("float32", 1e-7, override=0.2).value == 0.2
+
+
+def contribs(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    return [{"w": rand(30, 20, seed=seed + i), "b": rand(7, seed=seed + 100 + i)} for i in range(k)]
+
+
+def combine(cs: list[dict[str, torch.Tensor]], w: list[float]) -> dict[str, torch.Tensor]:
+    return {n: sum(wi * c[n] for wi, c in zip(w, cs)) for n in cs[0]}
+
+
+@pytest.mark.parametrize("weights", [[1, 0, 0, 1], [1, 1, 1, 1], [0.5, 2.0, 1.0, 3.0]])
+def test_fit_recovers_weights(weights: list[float]) -> None:
+    cs = contribs(4)
+    fit = fit_weights(combine(cs, weights), cs)
+    assert fit.weights == pytest.approx(weights, abs=1e-6)
+    assert fit.residual < 1e-6
+
+
+def test_fit_residual_flags_non_reweighting() -> None:
+    cs = contribs(3)
+    g = combine(cs, [1, 1, 1])
+    g["w"] = g["w"] + 0.3 * rand(30, 20, seed=999)
+    assert fit_weights(g, cs).residual > 0.05
+
+
+def test_describe_names_patterns() -> None:
+    counts = [[3, 28]]  # one rank, two micro-batches with very different token counts
+    cs = contribs(2)
+    pats = candidate_patterns(counts)
+    mom = pats["microbatch-token-mean"][0]
+    assert mom == pytest.approx([31 / 6, 31 / 56])
+    assert describe(fit_weights(combine(cs, mom), cs), counts).name == "microbatch-token-mean"
+    summed = pats["microbatch-token-mean-summed"][0]
+    assert describe(fit_weights(combine(cs, summed), cs), counts).name == "microbatch-token-mean-summed"
+    assert describe(fit_weights(combine(cs, [1, 1]), cs), counts).name == "correct"
+    assert describe(fit_weights(combine(cs, [0.3, 0.3]), cs), counts).name == "uniform-scale"
+    four = contribs(4)
+    sig = describe(fit_weights(combine(four, [1, 0, 0, 1]), four, [f"mb {i}" for i in range(4)]), [[5, 6, 7, 8]])
+    assert sig.name == "dropped-microbatches" and "mb 1, mb 2" in sig.text
+
+
+def test_describe_rank_patterns() -> None:
+    counts = [[4, 10], [20, 2]]  # 2 ranks x 2 micro-batches
+    cs = contribs(4)
+    for name in ("rank-token-mean", "microstep-token-mean"):
+        w = candidate_patterns(counts)[name][0]
+        assert describe(fit_weights(combine(cs, w), cs), counts).name == name
