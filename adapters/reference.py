@@ -95,9 +95,10 @@ class ReferenceAdapter(Adapter):
                         g = p.grad if p.grad is not None else torch.zeros_like(p)
                         extras[f"contrib/{s}/{r}/{m}/{n}"] = g.detach().to(acc).cpu().clone()
                         total[n] += g.detach().double()
+            # clone: clipping below works in place on p.grad, and .to() of a same-dtype tensor is no copy (fp64)
+            grads = {n: t.to(acc).cpu().clone() for n, t in total.items()}
             for n, p in params.items():
-                p.grad = total[n].to(p.dtype)
-            grads = {n: t.to(acc).cpu() for n, t in total.items()}
+                p.grad = total[n].to(p.dtype).clone()
             norm = float(torch.sqrt(sum((g ** 2).sum() for g in total.values())))
             if spec.optimizer.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip_grad_norm)

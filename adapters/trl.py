@@ -173,6 +173,15 @@ class TRLAdapter(Adapter):
         if kind == "dpo":
             if k.deepspeed_zero_stage:
                 return "DPO under DeepSpeed is not wired in the adapter"
+            if spec.data.supervise != "response":
+                return "data.supervise = 'all': DPOTrainer's log-probs cover the completions only"
+            from stepdiff.harness import data as D
+
+            eos = spec.data.eos_id
+            for i, smp in enumerate(D.samples(spec)):
+                if smp.response[-1] != eos or smp.rejected[-1] != eos:
+                    return (f"data.samples[{i}]: DPOTrainer appends EOS to a completion that does not end with it; "
+                            "end every response and rejected with the EOS id")
         if kind == "grpo":
             lt = cls.grpo_loss_type(spec)
             agg = spec.loss.aggregation
@@ -187,10 +196,29 @@ class TRLAdapter(Adapter):
                 return f"trl.grpo_loss_type = {lt!r} aggregates as {match[lt]!r}, the spec asks {agg!r}"
             if lt == "dr_grpo" and spec.rl.max_response_len == 0:
                 return "dr_grpo divides by GRPOConfig.max_completion_length: set rl.max_response_len"
-            if spec.rl.advantage == "group-centered":
-                pass  # scale_rewards = "none"
+            rl = spec.rl
+            if rl.group_size < 2:
+                return "rl.group_size < 2: GRPOTrainer needs num_generations >= 2"
+            if rl.advantage == "given":
+                return ("rl.advantage = 'given': GRPOTrainer computes advantages from rewards; use group-normalized or "
+                        "group-centered")
+            if rl.advantage == "group-normalized" and abs(rl.advantage_eps - 1e-4) > 1e-12:
+                return f"rl.advantage_eps = {rl.advantage_eps}: GRPOTrainer's std epsilon is fixed at 1e-4"
+            if spec.data.supervise != "response":
+                return "data.supervise = 'all': GRPO trains completion tokens only"
             if k.deepspeed_zero_stage:
                 return "GRPO under DeepSpeed is not wired in the adapter"
+            from stepdiff.harness import data as D
+
+            eos = spec.data.eos_id
+            for i, smp in enumerate(D.samples(spec)):
+                if eos in smp.response[:-1]:
+                    return (f"data.samples[{i}]: EOS before the end of the response; GRPOTrainer cuts the completion "
+                            "at the first EOS")
+                if smp.truncated != (smp.response[-1] != eos):
+                    return (f"data.samples[{i}].truncated = {smp.truncated} but the response "
+                            f"{'does not end' if smp.response[-1] != eos else 'ends'} with EOS: GRPOTrainer decides "
+                            "truncation from the ids (no EOS at the end = truncated)")
         return None
 
     # ------------------------------------------------------------------------------------------------ worker

@@ -121,14 +121,15 @@ def _vt(version: str | None) -> tuple[int, int]:
 
 def _deps(version: str | None) -> list[str]:
     """verl is installed --no-deps (its full requirements pull ray[default], vllm pins, wandb ...): these are what
-    the code paths driven here import (cpu-recipe-verl.md section 1), without ray (P10)."""
+    the code paths driven here import (cpu-recipe-verl.md section 1), without ray (P10). tensordict is pinned to
+    0.10.0 for >= 0.7 (DataProto.to_tensordict asserts >= 0.10; uv otherwise settles on 0.8.3)."""
     v = _vt(version)
     common = ["packaging", "hydra-core", "codetiming", "peft", "datasets>=3", "torchdata", "pillow", "psutil"]
     if v >= (0, 9):
-        return [*common, "numpy>=2", "tensordict>=0.8,<=0.10.0,!=0.9.0", "transformers>=5.5.3,<5.11,!=5.6.0",
+        return [*common, "numpy>=2", "tensordict==0.10.0", "transformers>=5.5.3,<5.11,!=5.6.0",
                 "uvicorn", "fastapi"]
     if v >= (0, 7):
-        return [*common, "numpy<2", "tensordict>=0.8,<=0.10.0,!=0.9.0", "transformers<5", "uvicorn", "fastapi",
+        return [*common, "numpy<2", "tensordict==0.10.0", "transformers<5", "uvicorn", "fastapi",
                 "einops", "pyarrow>=19,<22"]
     return [*common, "numpy<2", "tensordict>=0.8,<=0.9.1,!=0.9.0", "transformers<4.56", "einops", "pyarrow>=19,<22"]
 
@@ -262,12 +263,10 @@ class VerlAdapter(Adapter):
     def _resolve_impl(k: VerlKnobs, version: str) -> str:
         if k.impl != "auto":
             return k.impl
-        import importlib.util
-
         if k.path == "sft":
-            return "legacy" if importlib.util.find_spec("verl.trainer.fsdp_sft_trainer") else "engine"
+            return "legacy" if _has_module("verl.trainer.fsdp_sft_trainer") else "engine"
         if k.path == "actor":
-            return "legacy" if importlib.util.find_spec("verl.workers.actor.dp_actor") else "engine"
+            return "legacy" if _has_module("verl.workers.actor.dp_actor") else "engine"
         return "engine"
 
     # ------------------------------------------------------------------------------------------------------------
@@ -686,7 +685,7 @@ class VerlAdapter(Adapter):
             "model": {"strategy": "fsdp2" if k.strategy == "fsdp2" else "fsdp"},
             "optim": {"clip_grad": self._clip(spec)},
         })
-        tr.use_remove_padding = False
+        tr.use_remove_padding = k.use_remove_padding  # only acts with ulysses sp > 1 in this trainer
         tr.device_name = "cuda" if ctx.device == "cuda" else "cpu"
         tr.model = model
         tr.fsdp_model = module
@@ -743,6 +742,15 @@ class VerlAdapter(Adapter):
             notes.append("legacy SFT reports rank 0's loss on CPU (it all-reduces only when CUDA is available)")
         return steps, {"verl_config": {"trainer": OmegaConf.to_container(tr.config)},
                        "loss_mask_convention": mask_convention}
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is absent
+        return False
 
 
 def _partial(fn: Any, **kw: Any) -> Any:

@@ -251,7 +251,7 @@ def patch_attention_utils() -> list[str]:
     try:
         au._get_attention_functions()
         return []  # the release ships pure-torch fallbacks (0.9) or flash_attn is installed
-    except ImportError:
+    except Exception:  # ImportError (flash_attn), or 0.6's UnboundLocalError on a host with neither CUDA nor NPU
         pass
     from einops import rearrange
 

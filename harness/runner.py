@@ -21,7 +21,7 @@ from .model import write_init_weights
 from .record import Record
 from .registry import adapter_names, get_adapter
 from .spec import Spec, to_dict
-from .tolerance import Bound, bound_for
+from .tolerance import Bound, CalibrationError, bound_for
 from .workers import Worker
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 1, 2, 3, 4
@@ -168,8 +168,9 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
         init_tensors = load_file(str(init))
         try:
             ref, bound, ref_versions = run_reference(spec, init, wd)
-        except WorkerError as e:  # a broken reference is the tester's own error: every run is an error
-            runs = [RunResult(p.name, p.version, "error", f"reference failed: {e.message}", log_tail=e.log_tail,
+        except (WorkerError, CalibrationError) as e:  # a broken reference is the tester's own error: every run errs
+            message, tail = (e.message, e.log_tail) if isinstance(e, WorkerError) else (str(e), "")
+            runs = [RunResult(p.name, p.version, "error", f"reference failed: {message}", log_tail=tail,
                               extra_pins=p.extra) for p in pins]
             return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None), {},
                               elapsed_s=time.perf_counter() - t0)

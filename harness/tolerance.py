@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 FLOOR = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2}
 SAFETY = {"float64": 100.0, "float32": 100.0, "bfloat16": 4.0}
+CEILING = {"float64": 1e-6, "float32": 1e-2, "bfloat16": 0.2}
+"""A calibrated bound above this means the reference disagrees with itself: the check is refused, never widened."""
+
+
+class CalibrationError(Exception):
+    """The reference's float64 run disagrees with its working-precision run by more than any rounding can explain."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,10 @@ def bound_for(dtype: str, reference_self_error: float | None, override: float = 
     if reference_self_error is None:
         return Bound(floor, f"{floor:.1e} ({dtype} floor; reference self-error not measured)")
     calibrated = safety * reference_self_error
+    if calibrated > CEILING[dtype]:
+        raise CalibrationError(
+            f"the reference's {dtype} and float64 runs differ by {reference_self_error:.2g} (relative gradient error): "
+            f"a bound of {calibrated:.2g} would pass anything; refusing to compare (set run.rel_tolerance to force)")
     if calibrated > floor:
         return Bound(calibrated, f"{calibrated:.1e} = {safety:g} x reference {dtype}-vs-float64 error "
                                  f"{reference_self_error:.1e} (above the {dtype} floor {floor:.0e})", reference_self_error)

@@ -9,7 +9,7 @@ import torch
 
 from stepdiff.harness.diff import dict_diff, scalar_rel, tensor_diff
 from stepdiff.harness.signatures import candidate_patterns, describe, fit_weights
-from stepdiff.harness.tolerance import bound_for
+from stepdiff.harness.tolerance import CalibrationError, bound_for
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:
@@ -51,6 +51,8 @@ def test_bound_is_calibrated_and_named() -> None:
     assert b.value == pytest.approx(1e-3) and "100 x reference" in b.source
     assert bound_for("bfloat16", None).value == 5e-2
     assert bound_for("float32", 1e-7, override=0.2).value == 0.2
+    with pytest.raises(CalibrationError, match="refusing to compare"):
+        bound_for("float32", 1.5)  # a reference that disagrees with itself never widens the bound
 
 
 def contribs(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -125,3 +125,13 @@ def test_dpo_at_init_is_log2(tmp_path: Path) -> None:
     rec, _ = run_reference(spec, tmp_path)
     assert rec.steps[0].loss == pytest.approx(math.log(2), rel=1e-6)
     assert rec.steps[0].grad_norm > 0
+
+
+def test_fp64_calibration_records_unclipped_gradients(tmp_path: Path) -> None:
+    """Regression: clipping worked in place on a tensor the fp64 record aliased, so the calibration run recorded
+    clipped gradients and the calibrated bound grew to ~150 (a silent pass)."""
+    spec = S.from_dict({"batch": {"grad_accum": 2}, "optimizer": {"clip_grad_norm": 1e-3}})
+    r32, _ = run_reference(spec, tmp_path)
+    r64, _ = run_reference(spec, tmp_path, dtype="float64")
+    assert dict_diff(r32.steps[0].grads, r64.steps[0].grads).total.rel < 1e-5
+    assert r64.steps[0].grad_norm > 100 * 1e-3  # recorded norm is the pre-clip one

@@ -1,0 +1,166 @@
+"""GRPO through trl.GRPOTrainer with injected rollouts (see adapters/trl.py for the read-outs).
+
+No generation noise: `rollout_func` (TRL's own hook for custom rollouts) returns, for this rank's generation batch, the
+spec's prompt and completion ids of the samples the spec places there (it checks that the prompts TRL handed it are
+those samples' prompts). Truncation is what TRL itself decides from the ids (a completion whose last token is not EOS
+is truncated), so the spec's `truncated` flags must agree with the ids (checked on the host). The reward function is
+deterministic from token ids: a lookup of (prompt ids, completion ids) -> Sample.reward. TRL then computes the group
+advantages, the truncation mask, `num_items_in_batch` and the loss itself.
+
+Config pinned: num_generations = rl.group_size, steps_per_generation = grad_accum and num_iterations = 1 (so the old
+log-probs are the current ones, ratio 1), beta = 0 (no KL, no reference model), temperature 1, loss_type from the spec
+aggregation, mask_truncated_completions = rl.mask_truncated, scale_rewards group (group-normalized) or none
+(group-centered), importance_sampling_level token, top_entropy_quantile 1, no vLLM, shuffle_dataset False, and
+`trl.trainer.grpo_trainer.shuffle_sequence_dict` -> identity for the run (GRPOTrainer shuffles the generation batch
+with the global RNG before splitting it into micro-batches).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from stepdiff.harness import data as D
+from stepdiff.harness.spec import Spec
+
+from . import trl_common as C
+from .base import WorkerContext, build_model, make_optimizer
+
+
+def step_rank_indices(spec: Spec, step: int, rank: int) -> list[int]:
+    b = spec.batch
+    return [i for m in range(b.grad_accum) for i in D.micro_batch_indices(spec, step, rank, m)]
+
+
+def check_placement(spec: Spec, ctx: WorkerContext, cap: C.Capture) -> dict[str, list[int]]:
+    smp = D.samples(spec)
+    b = spec.batch
+    expected = [(s, m) for s in range(b.steps) for m in range(b.grad_accum)]
+    if len(cap.micro_inputs) != len(expected):
+        raise RuntimeError(f"GRPOTrainer ran {len(cap.micro_inputs)} micro-batches on rank {ctx.rank}; the spec has "
+                           f"{len(expected)}")
+    targets: dict[str, list[int]] = {}
+    for (s, m), inp in zip(expected, cap.micro_inputs, strict=True):
+        idx = D.micro_batch_indices(spec, s, ctx.rank, m)
+        pid, pm, cid, cm = inp["prompt_ids"], inp["prompt_mask"], inp["completion_ids"], inp["completion_mask"]
+        if pid.shape[0] != len(idx):
+            raise RuntimeError(f"step {s} micro-batch {m}: GRPOTrainer fed {pid.shape[0]} rows, the spec {len(idx)}")
+        for row, i in enumerate(idx):
+            prompt = pid[row][pm[row].bool()].tolist()
+            comp = cid[row, : len(smp[i].response)].tolist()
+            if prompt != list(smp[i].prompt) or comp != list(smp[i].response):
+                raise RuntimeError(f"step {s} micro-batch {m} rank {ctx.rank} row {row}: GRPOTrainer fed prompt "
+                                   f"{prompt} completion {comp}; the spec places sample {i} = {list(smp[i].prompt)} "
+                                   f"-> {list(smp[i].response)}")
+            n_p = len(smp[i].prompt)
+            mk = cm[row].tolist()
+            targets[str(i)] = [n_p + j for j in range(len(smp[i].response)) if j < len(mk) and mk[j]]
+    return targets
+
+
+def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str, Any]:
+    import datasets
+    import transformers
+    import trl
+    from transformers import Trainer
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .trl import TRLAdapter
+
+    smp = D.samples(spec)
+    tok = C.build_tokenizer(spec)
+    notes: list[str] = []
+    b, rl = spec.batch, spec.rl
+    g = rl.group_size
+    # one dataset row per group (RepeatSampler repeats it num_generations times), in the spec's sample order
+    n_total = spec.samples_per_step * b.steps
+    rows = [{"prompt": C.ids_to_text(smp[start].prompt, spec)} for start in range(0, n_total, g)]
+    ds = datasets.Dataset.from_list(rows)
+    rewards = {}
+    for i in range(n_total):
+        key = (tuple(smp[i].prompt), tuple(smp[i].response))
+        if key in rewards and rewards[key] != smp[i].reward:
+            raise RuntimeError(f"samples with identical prompt and completion ids have different rewards ({key})")
+        rewards[key] = smp[i].reward
+    calls = {"n": 0}
+
+    def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        s = calls["n"]
+        calls["n"] += 1
+        idx = step_rank_indices(spec, s, ctx.rank)
+        want = [C.ids_to_text(smp[i].prompt, spec) for i in idx]
+        if list(prompts) != want:
+            raise RuntimeError(f"GRPOTrainer handed rank {ctx.rank} the prompts {list(prompts)} at generation {s}; "
+                               f"the spec places samples {idx} there (prompts {want})")
+        return {"prompt_ids": [list(smp[i].prompt) for i in idx],
+                "completion_ids": [list(smp[i].response) for i in idx], "logprobs": None}
+
+    def token_reward(prompts: Any = None, completions: Any = None, completion_ids: Any = None, **kw: Any) -> list:
+        out = []
+        for p, c in zip(prompts, completion_ids, strict=True):
+            ids = tuple(tok.convert_tokens_to_ids(p.split()))
+            key = (ids, tuple(int(t) for t in c))
+            if key not in rewards:
+                raise RuntimeError(f"reward lookup: no spec sample with prompt {ids} and completion {key[1]}")
+            out.append(float(rewards[key]))
+        return out
+
+    token_reward.__name__ = "spec_reward"
+    loss_type = TRLAdapter.grpo_loss_type(spec)
+    longest = max(len(s.response) for s in smp[:n_total])
+    max_len = rl.max_response_len or longest
+    args = C.common_args(spec, ctx, str(ctx.scratch / "grpo"), Trainer, None)
+    args["gradient_checkpointing"] = knobs.gradient_checkpointing
+    grpo = dict(num_generations=g, steps_per_generation=b.grad_accum, generation_batch_size=None,
+                num_iterations=1, beta=0.0, loss_type=loss_type, mask_truncated_completions=rl.mask_truncated,
+                scale_rewards="none" if rl.advantage == "group-centered" else "group",
+                temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+                max_completion_length=max_len, max_prompt_length=None,
+                epsilon=rl.clip_ratio_low, epsilon_high=rl.clip_ratio_high, delta=None,
+                importance_sampling_level="token", top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                use_vllm=False, vllm_importance_sampling_correction=False, use_liger_kernel=False,
+                use_liger_loss=False, shuffle_dataset=False, disable_dropout=True, log_completions=False,
+                reward_weights=None, multi_objective_aggregation="sum_then_normalize", remove_unused_columns=False,
+                cast_lm_head_to_fp32=False, sync_ref_model=False, ds3_gather_for_generation=True)
+    kwargs = C.normalise(GRPOConfig, {**args, **grpo}, notes)
+    cfg = GRPOConfig(**kwargs)
+    model = build_model(spec, init_path).to(ctx.torch_device)
+    model.train()
+    cap = C.Capture()
+    sig = inspect.signature(GRPOTrainer.__init__).parameters
+    if "rollout_func" not in sig:
+        raise RuntimeError(f"trl {trl.__version__} GRPOTrainer has no rollout_func: rollouts cannot be injected")
+    tkw: dict[str, Any] = dict(model=model, reward_funcs=[token_reward], args=cfg, train_dataset=ds,
+                               processing_class=tok, rollout_func=rollout_func,
+                               callbacks=[C.step_callback(cap, ctx), C.make_callback(cap)])
+    if spec.optimizer.name == "sgd" and spec.optimizer.momentum:
+        tkw["optimizers"] = (make_optimizer(spec, model.parameters()), None)
+        notes.append("optimizer: torch.optim.SGD(momentum) passed to the Trainer (optimizers=)")
+    trainer = GRPOTrainer(**tkw)
+    C.hook_trainer(trainer, cap, grads_from_clip=True)
+    gmod = importlib.import_module("trl.trainer.grpo_trainer")
+    original = gmod.shuffle_sequence_dict
+    gmod.shuffle_sequence_dict = lambda d: d
+    try:
+        trainer.train()
+    finally:
+        gmod.shuffle_sequence_dict = original
+    adv_spec = D.sample_advantages(spec)
+    adv_trl = {}
+    for (s, m), inp in zip([(s, m) for s in range(b.steps) for m in range(b.grad_accum)], cap.micro_inputs,
+                           strict=False):
+        a = inp.get("advantages")
+        if a is not None:
+            for row, i in enumerate(D.micro_batch_indices(spec, s, ctx.rank, m)):
+                adv_trl[str(i)] = float(a.reshape(a.shape[0], -1)[row, 0])
+    adv_err = max((abs(v - adv_spec[int(i)]) for i, v in adv_trl.items()), default=None)
+    return C.finish(spec, ctx, cap, trainer, notes, ["trl.trainer.grpo_trainer.shuffle_sequence_dict -> identity"],
+                    extra={"trainer": "GRPOTrainer", "loss_type": loss_type,
+                           "config": {k: v for k, v in kwargs.items() if k != "output_dir"},
+                           "advantages_trl": adv_trl, "advantages_max_abs_error_vs_spec": adv_err},
+                    code_path=f"trl.GRPOTrainer.train (trl {trl.__version__}, transformers "
+                              f"{transformers.__version__}, loss_type={loss_type}, rollout_func injection)",
+                    placement=check_placement)
