@@ -56,6 +56,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     extra_pins: tuple[str, ...] = ()
     """Other pins of the run's version set, e.g. ('deepspeed==0.18.9',) next to trl."""
+    supervision: list[str] = field(default_factory=list)
+    """Differences between the tokens the framework supervises (when it reports them) and the spec's."""
 
     @property
     def label(self) -> str:
@@ -133,13 +135,42 @@ def compare(spec: Spec, rec: Record, ref: Record, init: dict[str, torch.Tensor],
     fit = signature = None
     if any(k.startswith(f"contrib/{fit_step}/") for k in ref.extras):
         fit, signature = fit_microbatches(spec, rec.steps[fit_step].grads, ref, fit_step)
-    result = RunResult(framework, version, "diverge" if first is not None else "agree", "", bound, steps, first,
-                       fit, fit_step, signature)
+    supervision = check_supervision(spec, rec.meta.extra.get("supervised_targets"))
+    diverged = first is not None or bool(supervision)
+    result = RunResult(framework, version, "diverge" if diverged else "agree", "", bound, steps, first,
+                       fit, fit_step, signature, supervision=supervision)
     if first is None:
         result.reason = f"max gradient rel error {result.max_rel_grad_error:.2g} <= bound {bound.value:.1e}"
     else:
         result.reason = f"step {first}: " + "; ".join(steps[first].reasons)
+    if supervision:
+        result.reason = "supervised tokens differ from the spec: " + "; ".join(supervision) + "; " + result.reason
     return result
+
+
+def check_supervision(spec: Spec, reported: dict[str, list[int]] | None) -> list[str]:
+    """Compare the target positions a framework says it supervises with the spec's, per sample, and name the classic
+    off-by-one shapes (first response token dropped, EOS dropped, last prompt token trained)."""
+    if not reported:
+        return []
+    smp = D.samples(spec)
+    findings: dict[str, list[int]] = {}
+    for key, positions in reported.items():
+        i = int(key)
+        s = smp[i]
+        want = {t for t, on in enumerate(D.supervised_targets(spec, s), start=1) if on}
+        got = set(positions)
+        n_prompt, n_total = len(s.prompt), len(s.prompt) + len(s.response)
+        for t in sorted(want - got):
+            what = ("first response token not supervised" if t == n_prompt else
+                    "last token (EOS) not supervised" if t == n_total - 1 else f"target position {t} not supervised")
+            findings.setdefault(what, []).append(i)
+        for t in sorted(got - want):
+            what = ("last prompt token supervised" if t == n_prompt - 1 else
+                    f"position {t} supervised although the spec does not supervise it")
+            findings.setdefault(what, []).append(i)
+    return [f"{what} (samples {', '.join(map(str, sorted(set(ids))[:8]))}"
+            f"{', ...' if len(set(ids)) > 8 else ''})" for what, ids in findings.items()]
 
 
 def fit_microbatches(spec: Spec, grads: dict[str, torch.Tensor], ref: Record, step: int) -> tuple[Fit, Signature]:

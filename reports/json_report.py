@@ -38,6 +38,7 @@ def run_dict(r: RunResult) -> dict[str, Any]:
         "fit_step": r.fit_step if r.fit else None,
         "signature": r.signature.name if r.signature else None,
         "signature_text": r.signature.text if r.signature else None,
+        "supervision_mismatches": r.supervision,
         "steps": [
             {
                 "step": s.step, "loss": _f(s.loss), "loss_ref": _f(s.loss_ref), "loss_rel": _f(s.loss_rel),

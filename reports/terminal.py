@@ -74,6 +74,8 @@ def detail(r: RunResult) -> list[str]:
         if len(s.grad.per_param) > 5:
             over = sum(1 for p in s.grad.per_param if r.bound and p.rel > r.bound.value)
             lines.append(f"    ... {over} of {len(s.grad.per_param)} parameters over the bound")
+    for finding in r.supervision:
+        lines.append(f"  supervised tokens: {finding}")
     if r.fit and r.signature:
         lines.append(f"  micro-batch weights at step {r.fit_step} (fit residual {r.fit.residual:.1e}): "
                      + ", ".join(f"{lab}={w:.3f}" for lab, w in zip(r.fit.labels, r.fit.weights, strict=True)))

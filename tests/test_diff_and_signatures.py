@@ -100,3 +100,22 @@ def test_describe_rank_patterns() -> None:
     for name in ("rank-token-mean", "microstep-token-mean"):
         w = candidate_patterns(counts)[name][0]
         assert describe(fit_weights(combine(cs, w), cs), counts).name == name
+
+
+def test_supervision_check_names_off_by_one() -> None:
+    from stepdiff.harness import data as D
+    from stepdiff.harness import spec as S
+    from stepdiff.harness.compare import check_supervision
+
+    spec = S.from_dict({"data": {"samples": [{"prompt": [5, 6, 7], "response": [8, 9, 1]},
+                                             {"prompt": [5, 6], "response": [8, 1]}]}, "batch": {"grad_accum": 2}})
+    right = {str(i): [t for t, on in enumerate(D.supervised_targets(spec, s), 1) if on]
+             for i, s in enumerate(D.samples(spec))}
+    assert right == {"0": [3, 4, 5], "1": [2, 3]}
+    assert check_supervision(spec, right) == []
+    shifted = {"0": [2, 3, 4], "1": [1, 2]}  # the last prompt token trained, EOS not
+    found = check_supervision(spec, shifted)
+    assert "last token (EOS) not supervised (samples 0, 1)" in found
+    assert "last prompt token supervised (samples 0, 1)" in found
+    dropped_first = {"0": [4, 5], "1": [3]}
+    assert check_supervision(spec, dropped_first) == ["first response token not supervised (samples 0, 1)"]

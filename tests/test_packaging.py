@@ -1,0 +1,74 @@
+"""One `stepdiff` namespace mapped onto adapters/, harness/, reports/ and cases/, in wheel and editable installs.
+
+Each install goes into a fresh virtual environment that sees the host's torch and transformers (system site
+packages) but gets stepdiff itself only from the wheel or the editable install under test; a real worker is then
+launched from it, which proves the worker bootstrap finds the packages wherever they were installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stepdiff.harness.envs import uv_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import json, stepdiff, stepdiff.harness.spec, stepdiff.adapters.base, stepdiff.reports.terminal
+from importlib.resources import files
+print(json.dumps({"harness": stepdiff.harness.__file__, "adapters": stepdiff.adapters.__file__,
+                  "cases": sorted(p.name for p in files("stepdiff.cases").iterdir() if p.name.endswith(".toml")),
+                  "version": stepdiff.__version__}))
+"""
+
+
+def make_venv(path: Path) -> Path:
+    subprocess.run([uv_binary(), "venv", "--quiet", "--system-site-packages", "--python", sys.executable, str(path)],
+                   check=True)
+    return path / "bin" / "python"
+
+
+def probe(python: Path) -> dict:
+    import json
+
+    out = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, check=True, cwd="/")
+    return json.loads(out.stdout)
+
+
+def smoke_run(python: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    case = tmp_path / "c.toml"
+    case.write_text('[case]\nframeworks = ["faults"]\n[batch]\ngrad_accum = 2\n[faults]\nmode = "drop"\n')
+    return subprocess.run([str(python), "-m", "stepdiff", "run", str(case)], capture_output=True, text=True, cwd="/",
+                          timeout=600)
+
+
+@pytest.mark.parametrize("mode", ["wheel", "editable"])
+def test_install_modes(tmp_path: Path, mode: str) -> None:
+    py = make_venv(tmp_path / "venv")
+    if mode == "wheel":
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+        wheel = next((tmp_path / "dist").glob("stepdiff-*.whl"))
+        subprocess.run([uv_binary(), "pip", "install", "--quiet", "--no-deps", "--python", str(py), str(wheel)],
+                       check=True)
+    else:
+        subprocess.run([uv_binary(), "pip", "install", "--quiet", "--no-deps", "--python", str(py), "-e", str(ROOT)],
+                       check=True)
+    info = probe(py)
+    if mode == "wheel":
+        assert str(tmp_path / "venv") in info["harness"], info  # from the wheel, not the source tree
+    else:
+        assert info["harness"] == str(ROOT / "harness" / "__init__.py")
+        assert info["adapters"] == str(ROOT / "adapters" / "__init__.py")
+    assert "deepspeed-zero2-offload-ga4.toml" in info["cases"]
+    assert info["version"] != "0.0.0+unknown"
+    version = subprocess.run([str(tmp_path / "venv" / "bin" / "stepdiff"), "--version"], capture_output=True,
+                             text=True, check=True)
+    assert version.stdout.startswith("stepdiff ")
+    out = smoke_run(py, tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr  # the faults adapter's dropped micro-batch is caught
+    assert "dropped-microbatches" in out.stdout
