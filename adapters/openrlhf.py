@@ -41,6 +41,13 @@ Patches (CPU glue; none touches the loss, the gradients or the optimizer):
 - P6 `argparse.ArgumentParser.parse_args` during the CLI run: the argv is built from the parser's option table; for
   fp32, 'fp32' is added to the `--ds.param_dtype` choices (bf16/fp16 only otherwise).
 - P7 `openrlhf.utils.utils.convert_to_torch_dtype('fp32')` -> torch.float32 (fp32 runs only).
+- P8 (knob adam_impl = 'torch' only) `deepspeed.initialize` during the CLI run: DeepSpeed's documented
+  `optimizer.params.torch_adam = true` (+ `zero_force_ds_cpu_optimizer = false`) added to OpenRLHF's config, so
+  DeepSpeed builds torch.optim.AdamW instead of JIT-compiling its CPU Adam ops.
+Recorders (read-only wrappers, see `_Recorder`): DeepSpeedEngine._take_model_step (hooks read-out only),
+Actor.forward (token ids received), SFTTrainer.save_logs_and_checkpoints (logged loss/grad norm),
+SFTDataset.__getitem__ (loss masks), DeepspeedStrategy.backward (losses passed to backward), deepspeed.initialize
+(the DeepSpeed config).
 Environment: `openrlhf` installed --no-deps, plus the release's own deepspeed and transformers pins and the SFT
 path's imports (peft, torchdata, datasets, pylatexenc, sympy, einops); flash-attn from its sdist without kernels.
 Not installed: vllm, ray, wandb, bitsandbytes, optimum, liger-kernel, ring-flash-attn.
@@ -49,6 +56,7 @@ Not installed: vllm, ray, wandb, bitsandbytes, optimum, liger-kernel, ring-flash
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import runpy
@@ -79,6 +87,11 @@ class OpenRLHFKnobs:
                  "black box, the gradient recovered from OpenRLHF's saved per-step checkpoints through the AdamW "
                  "update (needs optimizer.name = adamw, a large eps, betas (0, 0) beyond one step).")
     seed: int = doc(42, "--train.seed: seeds OpenRLHF's sampler shuffle (the data order is compensated for it).")
+    adam_impl: Literal["deepspeed", "torch"] = doc(
+        "deepspeed", "'deepspeed' = the optimizer OpenRLHF's config makes DeepSpeed build (FusedAdam, DeepSpeedCPUAdam "
+                     "with adam_offload; JIT-compiled on CPU, 1-4 min once per environment); 'torch' = DeepSpeed's "
+                     "documented optimizer.params.torch_adam = true (+ zero_force_ds_cpu_optimizer = false) added to "
+                     "OpenRLHF's DeepSpeed config: torch.optim.AdamW, no compile. Gradients are read before either.")
 
 
 PATCHES = S.PATCHES
@@ -105,7 +118,7 @@ class OpenRLHFAdapter(Adapter):
                   "loss: OpenRLHF's logged loss_mean of the step, averaged over DP ranks",
                   "grad norm: OpenRLHF's logged grad_norm (engine.get_global_grad_norm)",
                   "supervised targets: SFTDataset's loss mask -> meta.extra['supervised_targets']"),
-        knobs=("zero_stage", "adam_offload", "overlap_comm", "readout", "seed"),
+        knobs=("zero_stage", "adam_offload", "overlap_comm", "readout", "seed", "adam_impl"),
         devices=("cpu", "cuda"),
         world_sizes="1, 2, ... (torchrun; gloo on CPU, nccl on CUDA)",
         dtypes=("float32", "bfloat16"),
@@ -184,7 +197,7 @@ class OpenRLHFAdapter(Adapter):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         set_dist_env(ctx)
         S.env_for_run(ctx.scratch)
-        ctx.state["torch_extensions"] = S.share_torch_extensions()
+        ctx.state["torch_extensions"] = os.environ.get("TORCH_EXTENSIONS_DIR")
         ctx.state["patches"] = S.apply_cpu_patches(ctx.device)
         ctx.state["runs"] = 0
 
@@ -231,7 +244,9 @@ class OpenRLHFAdapter(Adapter):
         applied = list(ctx.state["patches"]) + [S.PATCHES[6].target] + (
             [S.PATCHES[7].target] if dtype == "fp32" else [])
 
-        rec = _Recorder(spec, k.readout == "hooks")
+        rec = _Recorder(spec, k.readout == "hooks", torch_adam=k.adam_impl == "torch")
+        if k.adam_impl == "torch":
+            applied.append(S.PATCHES[8].target)
         seen: dict[str, Any] = {}
         with contextlib.ExitStack() as stack:
             for cm in rec.hooks():
@@ -266,6 +281,12 @@ class OpenRLHFAdapter(Adapter):
                 grads_per_step.append({n: _invert_adam(before[n].float(), after[n], o.lr, o.eps) for n in names})
                 before = after
         losses, norms, loss_source = rec.step_scalars(ctx)
+        targets = rec.supervised_targets(rows)
+        if torch.distributed.is_initialized() and ctx.world_size > 1:
+            gathered: list[Any] = [None] * ctx.world_size
+            torch.distributed.all_gather_object(gathered, targets)
+            targets = {key: v for part in gathered for key, v in part.items()}
+            targets = dict(sorted(targets.items(), key=lambda kv: int(kv[0])))
         steps = []
         for s in range(b.steps):
             grads = {n: grads_per_step[s][n] for n in names}
@@ -274,7 +295,7 @@ class OpenRLHFAdapter(Adapter):
         extra: dict[str, Any] = {
             "cli_argv": seen.get("argv"), "cli_dialect": seen.get("dialect"),
             "dataset_rows": rows, "loss_source": loss_source,
-            "supervised_targets": rec.supervised_targets(rows),
+            "supervised_targets": targets, "ds_config": rec.ds_config,
             "logged": rec.logs, "backward_losses": rec.backward_losses,
             "engine_grad_norms": [st.get("engine_norm") for st in rec.steps],
             "eps_from_release_default": eps_note is not None,
@@ -304,9 +325,11 @@ def _import_and_patch_fp32() -> None:
 class _Recorder:
     """Copies of what OpenRLHF and DeepSpeed hold during one CLI run (nothing is written back)."""
 
-    def __init__(self, spec: Spec, grad_hooks: bool) -> None:
+    def __init__(self, spec: Spec, grad_hooks: bool, torch_adam: bool = False) -> None:
         self.spec = spec
         self.grad_hooks = grad_hooks
+        self.torch_adam = torch_adam
+        self.ds_config: Any = None
         self.steps: list[dict[str, Any]] = []
         self.logs: list[dict[str, Any]] = []
         self.backward_losses: list[float] = []
@@ -382,6 +405,23 @@ class _Recorder:
             return wrapper
 
         out.append(S.wrapped(strategy_mod.DeepspeedStrategy, "backward", backward))
+
+        import deepspeed
+
+        def initialize(original: Any) -> Any:
+            def wrapper(*a: Any, **kw: Any) -> Any:
+                cfg = kw.get("config")
+                if isinstance(cfg, dict) and "optimizer" in cfg:  # the training engine (not an eval engine)
+                    if rec.torch_adam:
+                        cfg = {**cfg, "zero_force_ds_cpu_optimizer": False,
+                               "optimizer": {**cfg["optimizer"],
+                                             "params": {**cfg["optimizer"].get("params", {}), "torch_adam": True}}}
+                        kw["config"] = cfg
+                    rec.ds_config = json.loads(json.dumps(cfg, default=str))
+                return original(*a, **kw)
+            return wrapper
+
+        out.append(S.wrapped(deepspeed, "initialize", initialize))
         return out
 
     def check_placement(self, rank: int) -> None:

@@ -110,6 +110,10 @@ PATCHES = (
     Patch("openrlhf.utils.utils.convert_to_torch_dtype (and the names imported from it)",
           "'fp32' -> torch.float32 (bf16/fp16 unchanged)",
           "only reached with model.dtype = float32; loads the model in fp32 instead of raising"),
+    Patch("deepspeed.initialize (during the CLI run, knob adam_impl = 'torch' only)",
+          "adds optimizer.params.torch_adam = true and zero_force_ds_cpu_optimizer = false to OpenRLHF's config",
+          "DeepSpeed's own documented switch to torch.optim.AdamW instead of its JIT-compiled CPU Adam ops (saves a "
+          "1-4 min compile per environment); the gradients are read before the optimizer runs"),
 )
 
 
@@ -414,24 +418,6 @@ def full_grads(engine: Any) -> dict[str, Any]:
             raise RuntimeError(f"no gradient for {name} before the optimizer step")
         out[name] = g.detach().float().cpu().clone()
     return out
-
-
-def share_torch_extensions() -> str:
-    """DeepSpeed JIT-compiles its CPU Adam ops on first use (1-4 min on 2 cores). The build depends only on the
-    DeepSpeed, torch and Python versions, so OpenRLHF environments with the same DeepSpeed share one build directory
-    (torch's own file lock serialises concurrent builds) under the stepdiff cache instead of one per environment."""
-    from importlib import metadata
-
-    root = Path(os.environ.get("STEPDIFF_CACHE", Path.home() / ".cache" / "stepdiff"))
-    try:
-        ds = metadata.version("deepspeed")
-        tv = metadata.version("torch").split("+")[0]
-    except metadata.PackageNotFoundError:
-        return os.environ.get("TORCH_EXTENSIONS_DIR", "")
-    d = root / "torch_extensions" / f"deepspeed-{ds}-torch-{tv}-py{sys.version_info[0]}{sys.version_info[1]}"
-    d.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(d)
-    return str(d)
 
 
 def env_for_run(scratch: Path) -> None:

@@ -136,6 +136,7 @@ class Capture:
         self.micro_inputs: list[dict[str, Any]] = []
         self.num_items: list[Any] = []
         self.readout_calls = 0
+        self.excluded: list[int] = []
 
 
 def named_params(model: Any) -> list[tuple[str, Any]]:
