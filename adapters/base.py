@@ -23,7 +23,6 @@ from stepdiff.harness.spec import Spec
 
 if TYPE_CHECKING:
     import torch
-
     from stepdiff.harness.data import MicroBatch
 
 
@@ -108,7 +107,8 @@ class Adapter:
         if spec.model.dtype not in caps.dtypes:
             return f"model.dtype = {spec.model.dtype!r} is not supported (supported: {', '.join(caps.dtypes)})"
         if spec.optimizer.name not in caps.optimizers:
-            return f"optimizer.name = {spec.optimizer.name!r} is not supported (supported: {', '.join(caps.optimizers)})"
+            supported = ", ".join(caps.optimizers)
+            return f"optimizer.name = {spec.optimizer.name!r} is not supported (supported: {supported})"
         if spec.loss.kind not in caps.loss_kinds:
             return f"loss.kind = {spec.loss.kind!r} is not supported (supported: {', '.join(caps.loss_kinds)})"
         if spec.run.device not in caps.devices:
@@ -135,13 +135,13 @@ def torch_dtype(name: str) -> torch.dtype:
 def build_model(spec: Spec, init_path: Path | None, dtype: str | None = None) -> Any:
     """A transformers LlamaForCausalLM from the spec's config, with the shared initial weights loaded strictly."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
-
     from stepdiff.harness.model import hf_config
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
     cfg = LlamaConfig(**hf_config(spec))
     cfg._attn_implementation = spec.model.attn_implementation
     torch.manual_seed(spec.model.seed)
+    model: Any
     if spec.loss.kind == "value":  # a value model: one scalar per token from the `score` head
         cfg.num_labels = 1
         model = LlamaForTokenClassification(cfg)

@@ -117,7 +117,7 @@ class DeepSpeedAdapter(Adapter):
         if ctx.device == "cpu":
             comm_torch = importlib.import_module("deepspeed.comm.torch")  # not `import deepspeed.comm.torch as m`:
             if hasattr(comm_torch, "build_shm_op"):  # that name resolves to the real torch package (pitfall)
-                comm_torch.build_shm_op = lambda: None
+                comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
                 applied.append(PATCHES[0].target)
         stage12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
         zopt = stage12.DeepSpeedZeroOptimizer

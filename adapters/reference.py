@@ -99,7 +99,7 @@ class ReferenceAdapter(Adapter):
             grads = {n: t.to(acc).cpu().clone() for n, t in total.items()}
             for n, p in params.items():
                 p.grad = total[n].to(p.dtype).clone()
-            norm = float(torch.sqrt(sum((g ** 2).sum() for g in total.values())))
+            norm = float(torch.stack([(g ** 2).sum() for g in total.values()]).sum().sqrt())
             if spec.optimizer.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.clip_grad_norm)
             opt.step()

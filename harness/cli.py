@@ -126,7 +126,7 @@ def cmd_env(args: argparse.Namespace) -> int:
         if not rows:
             print(f"no environments under {envs.cache_root() / 'envs'}")
         for r in rows:
-            v = r["versions"]
+            v: dict[str, str] = r["versions"]  # type: ignore[assignment]
             keys = [k for k in ("torch", "transformers", "deepspeed", "openrlhf", "trl", "verl") if k in v]
             print(f"{r['name']:40s} {r['size_mb']:8.0f} MB  " + " ".join(f"{k}=={v[k]}" for k in keys)
                   + ("" if r["request"] else "  (incomplete build)"))

@@ -120,7 +120,8 @@ def compare(spec: Spec, rec: Record, ref: Record, init: dict[str, torch.Tensor],
         if grad.total.rel > bound.value:
             reasons.append(f"gradient rel error {grad.total.rel:.3g} > {bound.value:.1e}")
         elif grad.per_param and grad.per_param[0].rel > bound.value:
-            reasons.append(f"{grad.per_param[0].name} gradient rel error {grad.per_param[0].rel:.3g} > {bound.value:.1e}")
+            worst = grad.per_param[0]
+            reasons.append(f"{worst.name} gradient rel error {worst.rel:.3g} > {bound.value:.1e}")
         if loss_rel is not None and loss_rel > bound.value:
             reasons.append(f"reported loss rel error {loss_rel:.3g}")
         if norm_rel is not None and norm_rel > bound.value:

@@ -67,7 +67,7 @@ def dict_diff(a: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) ->
     bad_shape = [n for n in names if a[n].shape != ref[n].shape]
     sq_d = sum(p.rel ** 2 * max(p.ref_norm, GUARD * rms) ** 2 for p in per)
     sq_a = sum(p.norm ** 2 for p in per)
-    dot = sum(float((a[n].double().reshape(-1) @ ref[n].double().reshape(-1))) for n in names if n not in bad_shape)
+    dot = sum(float(a[n].double().reshape(-1) @ ref[n].double().reshape(-1)) for n in names if n not in bad_shape)
     total = TensorDiff("*", math.sqrt(sq_d) / math.sqrt(sq_ref) if sq_ref > 0 else (0.0 if sq_d == 0 else math.inf),
                        max((p.max_abs for p in per), default=0.0), _cos(dot, math.sqrt(sq_a), math.sqrt(sq_ref)),
                        math.sqrt(sq_ref), math.sqrt(sq_a))

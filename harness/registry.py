@@ -69,7 +69,8 @@ def knob_class(name: str) -> Any:
 # The built-in adapters. Third-party adapters call register_adapter() the same way.
 register_adapter("reference", "stepdiff.adapters.reference:ReferenceAdapter")
 register_adapter("faults", "stepdiff.adapters.faults:FaultsAdapter", "stepdiff.adapters.faults:FaultKnobs")
-register_adapter("deepspeed", "stepdiff.adapters.deepspeed:DeepSpeedAdapter", "stepdiff.adapters.deepspeed:DeepSpeedKnobs")
+register_adapter("deepspeed", "stepdiff.adapters.deepspeed:DeepSpeedAdapter",
+                 "stepdiff.adapters.deepspeed:DeepSpeedKnobs")
 register_adapter("openrlhf", "stepdiff.adapters.openrlhf:OpenRLHFAdapter", "stepdiff.adapters.openrlhf:OpenRLHFKnobs")
 register_adapter("trl", "stepdiff.adapters.trl:TRLAdapter", "stepdiff.adapters.trl:TRLKnobs")
 register_adapter("verl", "stepdiff.adapters.verl:VerlAdapter", "stepdiff.adapters.verl:VerlKnobs")

@@ -91,7 +91,8 @@ def with_world_size_env(extra: dict[str, str], env: envs.Environment) -> dict[st
     return out
 
 
-def run_reference(spec: Spec, init: Path, workdir: Path, calibrate: bool = True) -> tuple[Record, Bound, dict[str, str]]:
+def run_reference(spec: Spec, init: Path, workdir: Path,
+                  calibrate: bool = True) -> tuple[Record, Bound, dict[str, str]]:
     host = envs.host_environment()
     with Worker("reference", host.python, 1, spec.run.device, workdir=workdir / "reference") as w:
         w.submit({"spec": to_dict(spec), "init": str(init), "out": str(workdir / "reference" / "record")},

@@ -81,7 +81,8 @@ def candidate_patterns(counts: Sequence[Sequence[int]]) -> dict[str, tuple[list[
     pats: dict[str, tuple[list[float], str]] = {
         "correct": ([1.0] * k, "every micro-batch weighted by its tokens (one token mean over the step)"),
         "microbatch-token-mean": ([n / (k * c) if c else 0.0 for c in flat],
-                                  "each micro-batch normalised by its own token count, then averaged over micro-batches "
+                                  "each micro-batch normalised by its own token count, then averaged over "
+                                  "micro-batches "
                                   "and ranks (mean of means): short micro-batches up-weighted"),
         "microbatch-token-mean-summed": ([n / c if c else 0.0 for c in flat],
                                          "each micro-batch normalised by its own token count and summed, not averaged"),

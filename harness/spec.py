@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from .errors import SpecError
 
@@ -211,7 +212,8 @@ def _convert(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(f"{path}[{i}]", v, args[0], {}) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise SpecError(path, value, f"expected {len(args)} values", f"write {path} = [{', '.join('...' for _ in args)}]")
+            dots = ", ".join("..." for _ in args)
+            raise SpecError(path, value, f"expected {len(args)} values", f"write {path} = [{dots}]")
         return tuple(_convert(f"{path}[{i}]", v, a, {}) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
@@ -284,7 +286,8 @@ def load(path: str | Path) -> Spec:
     try:
         raw = tomllib.loads(p.read_text())
     except FileNotFoundError:
-        raise SpecError("case", str(p), "file not found", "give a path to a .toml case file or a bundled case name")
+        raise SpecError("case", str(p), "file not found",
+                        "give a path to a .toml case file or a bundled case name") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError("case", str(p), f"not valid TOML ({e})", "fix the TOML syntax at that line") from None
     return from_dict(raw)
@@ -320,14 +323,18 @@ def validate(spec: Spec) -> None:
                         f"shorter than the longest sample ({longest})", f"set it to {longest} or more")
     if d.samples and len(d.samples) < spec.samples_per_step * b.steps:
         need = spec.samples_per_step * b.steps
-        raise SpecError("data.samples", f"{len(d.samples)} samples", f"the batching needs {need} "
-                        "(micro_batch_size x grad_accum x world_size x steps)", f"give {need} samples or reduce batching")
+        raise SpecError("data.samples", f"{len(d.samples)} samples",
+                        f"the batching needs {need} "
+                        "(micro_batch_size x grad_accum x world_size x steps)",
+                        f"give {need} samples or reduce batching")
     if spec.optimizer.name == "adamw" and not all(0 <= x < 1 for x in spec.optimizer.betas):
         raise SpecError("optimizer.betas", list(spec.optimizer.betas), "each beta must be in [0, 1)",
                         "write optimizer.betas = [0.9, 0.999]")
-    if spec.loss.kind in ("policy",) and spec.rl.advantage != "given" and spec.samples_per_step % spec.rl.group_size:
-        raise SpecError("rl.group_size", spec.rl.group_size, f"does not divide the {spec.samples_per_step} samples of a "
-                        "step", "make micro_batch_size x grad_accum x world_size a multiple of rl.group_size")
+    grouped = spec.loss.kind == "policy" and spec.rl.advantage != "given"
+    if grouped and spec.samples_per_step % spec.rl.group_size:
+        raise SpecError("rl.group_size", spec.rl.group_size,
+                        f"does not divide the {spec.samples_per_step} samples of a step",
+                        "make micro_batch_size x grad_accum x world_size a multiple of rl.group_size")
     if spec.loss.kind == "dpo" and d.samples and any(not s.rejected for s in d.samples):
         raise SpecError("data.samples", "rejected = []", "DPO needs a rejected response in every sample",
                         "give each sample a `rejected` list")

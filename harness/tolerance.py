@@ -50,6 +50,7 @@ def bound_for(dtype: str, reference_self_error: float | None, override: float = 
             f"a bound of {calibrated:.2g} would pass anything; refusing to compare (set run.rel_tolerance to force)")
     if calibrated > floor:
         return Bound(calibrated, f"{calibrated:.1e} = {safety:g} x reference {dtype}-vs-float64 error "
-                                 f"{reference_self_error:.1e} (above the {dtype} floor {floor:.0e})", reference_self_error)
+                                 f"{reference_self_error:.1e} (above the {dtype} floor {floor:.0e})",
+                     reference_self_error)
     return Bound(floor, f"{floor:.1e} ({dtype} floor; {safety:g} x reference {dtype}-vs-float64 error "
                         f"{reference_self_error:.1e} is below it)", reference_self_error)

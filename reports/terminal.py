@@ -58,7 +58,8 @@ def detail(r: RunResult) -> list[str]:
     if r.verdict not in ("agree", "diverge"):
         return lines
     if r.meta:
-        lines.append(f"  ran: {r.meta.get('code_path')} [{r.meta.get('device')}, world size {r.meta.get('world_size')}]")
+        where = f"{r.meta.get('device')}, world size {r.meta.get('world_size')}"
+        lines.append(f"  ran: {r.meta.get('code_path')} [{where}]")
     for s in r.steps:
         flag = "  <- diverges" if s.diverged else ""
         norm = f"{s.grad_norm:.6g}" if s.grad_norm is not None else "n/a"

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from stepdiff.harness import spec as S
 
 ROOT = Path(__file__).resolve().parent.parent

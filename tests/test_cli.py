@@ -30,8 +30,8 @@ def test_import_and_help_import_no_framework() -> None:
 
 
 def test_list_imports_no_framework_and_shows_patches() -> None:
-    code = "import contextlib, io\nfrom stepdiff.harness.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n" \
-           "    main(['list', '--json'])"
+    code = ("import contextlib, io\nfrom stepdiff.harness.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['list', '--json'])")
     assert set(imported_frameworks(code)) <= {"torch"}  # adapter modules may import torch, never their framework
     out = stepdiff("list", "--json")
     assert out.returncode == 0

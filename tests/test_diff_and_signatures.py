@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from stepdiff.harness.diff import dict_diff, scalar_rel, tensor_diff
 from stepdiff.harness.signatures import candidate_patterns, describe, fit_weights
 from stepdiff.harness.tolerance import CalibrationError, bound_for
@@ -60,7 +59,7 @@ def contribs(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def combine(cs: list[dict[str, torch.Tensor]], w: list[float]) -> dict[str, torch.Tensor]:
-    return {n: sum(wi * c[n] for wi, c in zip(w, cs)) for n in cs[0]}
+    return {n: torch.stack([wi * c[n] for wi, c in zip(w, cs, strict=True)]).sum(0) for n in cs[0]}
 
 
 @pytest.mark.parametrize("weights", [[1, 0, 0, 1], [1, 1, 1, 1], [0.5, 2.0, 1.0, 3.0]])

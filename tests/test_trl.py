@@ -155,14 +155,21 @@ def test_grpo_loss_types_agree(tmp_path: Path, aggregation: str, ws: int, ga: in
     assert_clean(result.runs[0], ws * ga)
 
 
-@pytest.mark.slow
-def test_sft_hf1_world_size_2(tmp_path: Path) -> None:
+def test_sft_world_size_2_per_rank_token_mean_caught(tmp_path: Path) -> None:
+    """HF-4: transformers 4.46.3 fixed the accumulation (HF-1) but normalises each rank by its own tokens
+    (average_tokens_across_devices did not exist / defaulted off before 4.54): at world size 2 it is a mean over ranks
+    of per-rank token means. trl 1.16.0 at world size 2 agrees (test_sft_world_size_2_adamw_clipping_current_release)."""
     spec = case("trl-sft-ga3").replace(batch__world_size=2, batch__steps=1)
-    result = run_case(spec, [HF1_BUGGY, HF1_FIXED], workdir=tmp_path)
-    runs = by_label(result)
-    assert runs[HF1_BUGGY].verdict == "diverge"
-    assert runs[HF1_BUGGY].signature.name == "microbatch-token-mean"
-    assert_clean(runs[HF1_FIXED], 6)
+    result = run_case(spec, [HF1_FIXED], workdir=tmp_path)
+    run = result.runs[0]
+    counts = D.microbatch_token_counts(spec, 0)
+    total = sum(map(sum, counts))
+    predicted = [total / (len(counts) * sum(rank)) for rank in counts for _ in rank]
+    assert run.verdict == "diverge" and run.max_rel_grad_error > 0.05
+    assert run.fit is not None and run.fit.residual < 1e-5
+    assert list(run.fit.weights) == pytest.approx(predicted, rel=1e-3)
+    assert run.signature is not None and run.signature.name == "rank-token-mean"
+    assert run.meta["extra"]["accelerate_num_processes"] == 2
 
 
 @pytest.mark.slow
