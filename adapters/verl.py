@@ -255,9 +255,20 @@ class VerlAdapter(Adapter):
             code_path=f"{code_path} [{k.strategy}, use_remove_padding={k.use_remove_padding}]", readout=READOUTS[0],
             device=ctx.device, world_size=ctx.world_size, dtype=spec.model.dtype,
             versions=framework_versions("verl", "tensordict", "numpy"), warnings=notes,
-            timings={"run_s": time.perf_counter() - t0}, patches=sorted(set(run_patches)), extra=extra,
+            timings={"run_s": time.perf_counter() - t0}, patches=self._patches_applied(run_patches, k), extra=extra,
         )
         return Record(meta=meta, steps=steps)
+
+    @staticmethod
+    def _patches_applied(run_patches: list[str], k: VerlKnobs) -> list[str]:
+        """Every patch in force in this process (they persist across runs), plus the config-only ones of this run;
+        FSDP1's check skip only where FSDP1 ran."""
+        from . import verl_cpu
+
+        out = set(run_patches) | set(verl_cpu.APPLIED)
+        if k.strategy != "fsdp1":
+            out.discard(PATCHES[3].target)
+        return sorted(out)
 
     @staticmethod
     def _resolve_impl(k: VerlKnobs, version: str) -> str:

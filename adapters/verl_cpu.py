@@ -15,6 +15,14 @@ import sys
 import types
 from typing import Any
 
+APPLIED: set[str] = set()
+"""Every patch target applied in this process (patches persist across the runs a worker serves)."""
+
+
+def _applied(targets: list[str]) -> list[str]:
+    APPLIED.update(targets)
+    return targets
+
 # ----------------------------------------------------------------------------------------------------------------
 # P10: a stub `ray` (verl imports it at module level; nothing ray-backed runs here)
 
@@ -70,7 +78,7 @@ def install_ray_stub() -> list[str]:
         return []
     if not any(isinstance(f, _RayStubFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _RayStubFinder())
-    return ["ray"]
+    return _applied(["ray"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ def install_cpu_platform() -> list[str]:
 
     PlatformRegistry.register(platform="cpu")(PlatformCPU)
     set_platform(PlatformCPU())
-    return ["verl.plugin.platform (PlatformCPU)"]
+    return _applied(["verl.plugin.platform (PlatformCPU)"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +214,7 @@ def register_cpu_engines() -> list[str]:
             pass
         EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device=device)(cls)
         done.append(model_type)
-    return ["verl.workers.engine.EngineRegistry (device 'cpu')"] if done else []
+    return _applied(["verl.workers.engine.EngineRegistry (device 'cpu')"]) if done else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ def patch_attention_utils() -> list[str]:
     from einops import rearrange
 
     au._get_attention_functions = lambda: (_index_first_axis, _pad_input, rearrange, _unpad_input)
-    return ["verl.utils.attention_utils._get_attention_functions"]
+    return _applied(["verl.utils.attention_utils._get_attention_functions"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def patch_cpu_autocast(modules: list[str]) -> list[str]:
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy
             done.append(name)
-    return [f"{m}.torch.autocast" for m in done]
+    return _applied([f"{m}.torch.autocast" for m in done])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +310,7 @@ def patch_cpu_memory_stats() -> list[str]:
         if not hasattr(torch.cpu, name):
             setattr(torch.cpu, name, (lambda *a, **k: (0, 0)) if name == "mem_get_info" else (lambda *a, **k: 0))
             done.append(name)
-    return ["torch.cpu memory statistics (" + ", ".join(done) + ")"] if done else []
+    return _applied(["torch.cpu memory statistics"]) if done else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,7 +324,7 @@ def patch_fsdp1_sync_module_states() -> list[str]:
         return []
     if hasattr(iu, "_check_module_states_for_sync_module_states"):
         iu._check_module_states_for_sync_module_states = lambda *a, **k: None
-        return ["torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"]
+        return _applied(["torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"])
     return []
 
 
@@ -347,4 +355,4 @@ def patch_valuehead_loader(attn_implementation: str) -> list[str]:
 
     load_valuehead_model._stepdiff = True  # type: ignore[attr-defined]
     um.load_valuehead_model = load_valuehead_model
-    return ["verl.utils.model.load_valuehead_model"]
+    return _applied(["verl.utils.model.load_valuehead_model"])
