@@ -133,14 +133,20 @@ class OpenRLHFAdapter(Adapter):
                *NOT_PPO),
     )
 
+    # The conformance kit's knobs: torch AdamW through DeepSpeed's torch_adam switch (no JIT compile). The kit's
+    # spec must also use optimizer.name = "adamw" (OpenRLHF has no SGD), e.g. lr = eps = 1 so the update ~ -g.
+    conformance_knobs = {"adam_impl": "torch"}
+    conformance_optimizer = {"name": "adamw", "lr": 1.0, "eps": 1.0}
+
     # ---------------------------------------------------------------------------------------------------------
     # Environment
 
     @classmethod
     def requirements(cls, version: str | None) -> list[str]:
         ds, tf, _ = S.release_pins(version)
+        extra = ["ray"] if S.imports_ray_on_sft_path(version) else []
         return [f"deepspeed=={ds}" if ds else "deepspeed", f"transformers=={tf}" if tf else "transformers",
-                *S.SFT_PATH_PACKAGES]
+                *S.SFT_PATH_PACKAGES, *extra]
 
     @classmethod
     def install_steps(cls, version: str | None) -> list[list[str]]:
@@ -245,8 +251,7 @@ class OpenRLHFAdapter(Adapter):
             [S.PATCHES[7].target] if dtype == "fp32" else [])
 
         rec = _Recorder(spec, k.readout == "hooks", torch_adam=k.adam_impl == "torch")
-        if k.adam_impl == "torch":
-            applied.append(S.PATCHES[8].target)
+
         seen: dict[str, Any] = {}
         with contextlib.ExitStack() as stack:
             for cm in rec.hooks():
@@ -261,6 +266,13 @@ class OpenRLHFAdapter(Adapter):
             finally:
                 sys.argv = saved_argv
         fit_s = time.perf_counter() - t0
+        warnings = []
+        if k.adam_impl == "torch":
+            if rec.optimizer_from_config:
+                applied.append(S.PATCHES[8].target)
+            else:  # releases <= 0.10.1 build FusedAdam / DeepSpeedCPUAdam themselves (strategy.create_optimizer)
+                warnings.append("adam_impl = 'torch' not applied: this release builds its optimizer itself "
+                                "(strategy.create_optimizer), not from the DeepSpeed config")
 
         rec.check_placement(ctx.rank)
         init = _load_safetensors(init_path)
@@ -300,6 +312,7 @@ class OpenRLHFAdapter(Adapter):
             "engine_grad_norms": [st.get("engine_norm") for st in rec.steps],
             "eps_from_release_default": eps_note is not None,
             "torch_extensions_dir": ctx.state.get("torch_extensions"),
+            "optimizer_from_ds_config": rec.optimizer_from_config,
         }
         if torch.distributed.is_initialized() and ctx.world_size > 1:
             torch.distributed.barrier()
@@ -309,6 +322,7 @@ class OpenRLHFAdapter(Adapter):
             world_size=ctx.world_size, dtype=spec.model.dtype,
             versions=framework_versions("openrlhf", "deepspeed", "flash-attn", "datasets", "peft"),
             timings={"run_s": time.perf_counter() - t0, "cli_s": fit_s}, patches=applied, extra=extra,
+            warnings=warnings,
         )
         return Record(meta=meta, steps=steps)
 
@@ -330,6 +344,7 @@ class _Recorder:
         self.grad_hooks = grad_hooks
         self.torch_adam = torch_adam
         self.ds_config: Any = None
+        self.optimizer_from_config: bool | None = None
         self.steps: list[dict[str, Any]] = []
         self.logs: list[dict[str, Any]] = []
         self.backward_losses: list[float] = []
@@ -411,8 +426,10 @@ class _Recorder:
         def initialize(original: Any) -> Any:
             def wrapper(*a: Any, **kw: Any) -> Any:
                 cfg = kw.get("config")
-                if isinstance(cfg, dict) and "optimizer" in cfg:  # the training engine (not an eval engine)
-                    if rec.torch_adam:
+                training = kw.get("optimizer") is not None or (isinstance(cfg, dict) and "optimizer" in cfg)
+                if isinstance(cfg, dict) and training and rec.ds_config is None:  # the training engine
+                    rec.optimizer_from_config = "optimizer" in cfg
+                    if rec.torch_adam and "optimizer" in cfg:
                         cfg = {**cfg, "zero_force_ds_cpu_optimizer": False,
                                "optimizer": {**cfg["optimizer"],
                                              "params": {**cfg["optimizer"].get("params", {}), "torch_adam": True}}}

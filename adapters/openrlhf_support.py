@@ -57,6 +57,18 @@ SFT_PATH_PACKAGES = ["peft", "torchdata", "datasets", "pylatexenc", "sympy", "ei
                      "packaging", "psutil", "ninja", "tqdm", "jsonlines"]
 
 
+def imports_ray_on_sft_path(version: str | None) -> bool:
+    """Releases before 0.10.0 import ray at module level on the SFT path (openrlhf.trainer/__init__ ->
+    ppo_trainer -> ppo_utils.experience_maker): ray is installed there, imported only, never started."""
+    if version is None:
+        return False
+    try:
+        parts = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return True
+    return parts < (0, 10)
+
+
 @functools.lru_cache(maxsize=None)
 def release_pins(version: str | None) -> tuple[str | None, str | None, str]:
     """(deepspeed, transformers, flash-attn) pins of an OpenRLHF release; None = unpinned (newest)."""

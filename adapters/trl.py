@@ -12,9 +12,10 @@ Read-outs (instance wrappers that only copy tensors; no math is replaced):
   max_grad_norm=0; older releases get max_grad_norm=1e9, whose clip coefficient clamps to exactly 1.0). Under
   DeepSpeed accelerate runs engine.step() inside the boundary backward, so `DeepSpeedEngine.step` is wrapped to
   copy `safe_get_full_grad` of every parameter before the boundary step;
-- loss: the sum of what `Trainer.training_step` returned for the step's micro-batches (exactly what the Trainer adds
-  to the loss it logs, unrounded: transformers 4.x rounds the logged value to 4 decimals), averaged over ranks as
-  the Trainer does; the logged value is kept in meta.extra['logged_loss'] and must agree;
+- loss: the `loss` the Trainer logs (transformers >= 5); transformers 4.x rounds it to 4 decimals, so there the
+  same quantity unrounded: the sum of what `Trainer.training_step` returned for the step's micro-batches (what the
+  Trainer adds to tr_loss), averaged over ranks as the Trainer does; both are kept in meta.extra
+  ('logged_loss', 'accumulated_loss') and a disagreement beyond rounding is a warning;
 - grad norm: the `grad_norm` the Trainer logs;
 - parameters: a TrainerCallback's on_step_end.
 The micro-batches TRL fed (`compute_loss`'s inputs) are checked against the spec's placement on every rank: a
@@ -91,8 +92,8 @@ class TRLAdapter(Adapter):
         readouts=("gradients: trainer.accelerator.clip_grad_norm_ wrapped (after accumulation and DDP all-reduce, "
                   "before clipping); DeepSpeed: DeepSpeedEngine.step wrapped, safe_get_full_grad before the boundary "
                   "step",
-                  "loss: sum of Trainer.training_step returns per step (what the Trainer logs, unrounded), mean over "
-                  "ranks; logged value cross-checked",
+                  "loss: the Trainer's logged 'loss' (transformers < 5 rounds it to 4 decimals: there the same "
+                  "quantity unrounded, the sum of Trainer.training_step returns per step, mean over ranks)",
                   "grad norm: the Trainer's logged grad_norm", "params: TrainerCallback.on_step_end"),
         knobs=("trainer", "grpo_loss_type", "deepspeed_zero_stage", "offload_optimizer", "gradient_checkpointing"),
         dtypes=("float32", "bfloat16"),
@@ -187,7 +188,8 @@ class TRLAdapter(Adapter):
             agg = spec.loss.aggregation
             match = {"grpo": "seq-mean-token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
             if lt is None:
-                return f"loss.aggregation = {agg!r} has no GRPOTrainer loss_type (grpo, dapo, dr_grpo map onto the spec)"
+                return (f"loss.aggregation = {agg!r} has no GRPOTrainer loss_type (grpo, dapo, dr_grpo map onto the "
+                        "spec)")
             if lt == "bnpo":
                 if spec.batch.grad_accum * spec.batch.world_size != 1 or agg != "token-mean":
                     return ("trl.grpo_loss_type = 'bnpo' normalises by each local micro-batch's tokens: no spec "
@@ -243,7 +245,7 @@ class TRLAdapter(Adapter):
         if ctx.device == "cpu":
             comm_torch = importlib.import_module("deepspeed.comm.torch")
             if hasattr(comm_torch, "build_shm_op"):
-                comm_torch.build_shm_op = lambda: None
+                comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
                 applied.append(DS_PATCHES[0].target)
         stage12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
         zopt = stage12.DeepSpeedZeroOptimizer

@@ -327,7 +327,16 @@ def finish(spec: Spec, ctx: WorkerContext, cap: Capture, trainer: Any, notes: li
     extra["accelerate_distributed_type"] = str(getattr(trainer.accelerator, "distributed_type", ""))
     extra["accelerate_num_processes"] = n_proc
     extra["model_accepts_loss_kwargs"] = getattr(trainer, "model_accepts_loss_kwargs", "absent")
-    return {"losses": cap.step_losses, "grad_norms": norms, "grads": cap.grads, "params": cap.params,
+    import transformers
+
+    # the loss the Trainer logs; transformers < 5 rounds it to 4 decimals, so there the same quantity unrounded (the
+    # sum of training_step's returns, mean over ranks: what the Trainer accumulates before rounding)
+    rounded = version_tuple(transformers.__version__) < (5,)
+    losses = cap.step_losses if rounded else logged
+    extra["loss_source"] = ("Trainer tr_loss accumulation (training_step returns), unrounded" if rounded
+                            else "Trainer log 'loss'")
+    extra["accumulated_loss"] = cap.step_losses
+    return {"losses": losses, "grad_norms": norms, "grads": cap.grads, "params": cap.params,
             "patches": patches, "warnings": warnings, "extra": extra, "code_path": code_path,
             "readout": "clip_grad_norm_ wrapper" if not extra.get("ds_config") else
             "DeepSpeedEngine.step wrapper: safe_get_full_grad before the boundary step"}

@@ -53,7 +53,6 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     import transformers
     import trl
     from transformers import Trainer
-
     from trl import DPOConfig, DPOTrainer
 
     smp = D.samples(spec)

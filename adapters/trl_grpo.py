@@ -71,7 +71,6 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     import transformers
     import trl
     from transformers import Trainer
-
     from trl import GRPOConfig, GRPOTrainer
 
     from .trl import TRLAdapter
@@ -85,7 +84,7 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     n_total = spec.samples_per_step * b.steps
     rows = [{"prompt": C.ids_to_text(smp[start].prompt, spec)} for start in range(0, n_total, g)]
     ds = datasets.Dataset.from_list(rows)
-    rewards = {}
+    rewards: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
     for i in range(n_total):
         key = (tuple(smp[i].prompt), tuple(smp[i].response))
         if key in rewards and rewards[key] != smp[i].reward:
@@ -148,12 +147,12 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     trainer = GRPOTrainer(**tkw)
     C.hook_trainer(trainer, cap, grads_from_clip=True)
     gmod = importlib.import_module("trl.trainer.grpo_trainer")
-    original = gmod.shuffle_sequence_dict
-    gmod.shuffle_sequence_dict = lambda d: d
+    original = gmod.shuffle_sequence_dict  # type: ignore[attr-defined]
+    gmod.shuffle_sequence_dict = lambda d: d  # type: ignore[attr-defined]
     try:
         trainer.train()
     finally:
-        gmod.shuffle_sequence_dict = original
+        gmod.shuffle_sequence_dict = original  # type: ignore[attr-defined]
     adv_spec = D.sample_advantages(spec)
     adv_trl = {}
     for (s, m), inp in zip([(s, m) for s in range(b.steps) for m in range(b.grad_accum)], cap.micro_inputs,

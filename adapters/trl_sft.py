@@ -16,8 +16,8 @@ from typing import Any
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
-from .base import WorkerContext, build_model, make_optimizer
 from . import trl_common as C
+from .base import WorkerContext, build_model, make_optimizer
 
 
 def dataset_order(spec: Spec) -> list[int]:
@@ -40,7 +40,6 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     import transformers
     import trl
     from transformers import Trainer
-
     from trl import SFTConfig, SFTTrainer
 
     smp = D.samples(spec)
@@ -64,9 +63,10 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     dsc = C.ds_config(spec, stage, knobs.offload_optimizer) if stage else None
     args = C.common_args(spec, ctx, str(ctx.scratch / "sft"), Trainer, dsc)
     args["gradient_checkpointing"] = knobs.gradient_checkpointing
-    sft = dict(packing=False, padding_free=False, max_length=None, max_seq_length=None, completion_only_loss=True,
-               assistant_only_loss=False, dataset_num_proc=None, use_liger_kernel=False, neftune_noise_alpha=None,
-               activation_offloading=False, shuffle_dataset=False, pad_to_multiple_of=None)
+    sft: dict[str, Any] = dict(
+        packing=False, padding_free=False, max_length=None, max_seq_length=None, completion_only_loss=True,
+        assistant_only_loss=False, dataset_num_proc=None, use_liger_kernel=False, neftune_noise_alpha=None,
+        activation_offloading=False, shuffle_dataset=False, pad_to_multiple_of=None)
     if not new_path:
         sft["dataset_kwargs"] = {"skip_prepare_dataset": True}
         sft["remove_unused_columns"] = False
@@ -112,5 +112,5 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
         "config": {k: v for k, v in kwargs.items() if k not in ("output_dir", "deepspeed")},
         "ds_config": dsc,
     }, code_path=f"trl.SFTTrainer.train (trl {trl.__version__}, transformers {transformers.__version__}"
-                 f"{', deepspeed ZeRO-%d' % stage if stage else ''})",
+                 f"{f', deepspeed ZeRO-{stage}' if stage else ''})",
         placement=C.check_sft_placement)

@@ -38,8 +38,8 @@ CPU on verl's terms (Patch list below, also in `stepdiff list`): P1 a CPU platfo
 `verl.plugin.platform` (>= 0.9); P2 attn_implementation fixed through HFModelConfig.override_config (config only);
 P3 FSDP engines registered for device 'cpu' in EngineRegistry (0.7/0.8) or VERL_ENGINE_DEVICE=cuda for the lookup
 (0.9); P4 FSDP1 sync_module_states check skipped for CPU params; P5 pure-torch unpad/pad for
-verl.utils.attention_utils (0.5-0.8, imports flash_attn otherwise); P6 hard-coded bf16 torch.autocast disabled on
-CPU in the modules that hard-code it (0.7 engine, 0.5/0.6 fsdp_sft_trainer; otherwise 4e-3 error); P7 torch.cpu
+verl.utils.attention_utils (0.5-0.8, imports flash_attn otherwise); P6 hard-coded bf16 torch.autocast disabled in
+the modules that hard-code it (0.7 engine, 0.5/0.6 fsdp_sft_trainer; otherwise 4e-3 error); P7 torch.cpu
 memory statistics; P8 load_valuehead_model without flash_attention_2; P10 a stub `ray` module (not installed).
 fp32 everywhere: model_dtype/mixed_precision fp32 (engine), fsdp_config.dtype fp32 (legacy actor).
 
@@ -93,9 +93,10 @@ PATCHES = (
           "torch refuses sync_module_states with CPU parameters; gloo broadcasts them fine"),
     Patch("verl.utils.attention_utils._get_attention_functions", "pure-torch unpad_input/pad_input/index_first_axis "
           "(0.5-0.8)", "they import flash_attn.bert_padding on non-NPU hosts; verl 0.9 ships the same fallbacks"),
-    Patch("<module>.torch.autocast", "a torch.autocast that is disabled for device_type 'cpu', only in the modules "
-          "that hard-code bf16 autocast (0.7 engine transformer_impl, 0.5/0.6 fsdp_sft_trainer)",
-          "fp32 everywhere: bf16 autocast on CPU moves gradients by ~4e-3"),
+    Patch("<module>.torch.autocast", "a disabled torch.autocast, only in the modules that hard-code bf16 autocast "
+          "(0.7 engine transformer_impl, 0.5/0.6 fsdp_sft_trainer)",
+          "fp32 everywhere: the hard-coded bf16 autocast really computes in bf16 (on CPU too) and moves gradients by "
+          "~4e-3"),
     Patch("torch.cpu memory statistics", "memory_allocated / max_memory_* etc. return 0 where torch.cpu lacks them",
           "verl logs GPU memory; logging only"),
     Patch("verl.utils.model.load_valuehead_model", "AutoModelForTokenClassification.from_pretrained with the spec's "
@@ -213,9 +214,9 @@ class VerlAdapter(Adapter):
         import verl
 
         ctx.state["version"] = getattr(verl, "__version__", "unknown")
+        applied += verl_cpu.patch_attention_utils()  # only where flash_attn is missing (always on CPU)
         if ctx.device == "cpu":
             applied += verl_cpu.patch_cpu_memory_stats()
-            applied += verl_cpu.patch_attention_utils()
             applied += verl_cpu.patch_fsdp1_sync_module_states()
         ctx.state["patches"] = applied
 
@@ -231,7 +232,9 @@ class VerlAdapter(Adapter):
         impl = self._resolve_impl(k, version)
         if impl != k.impl:
             notes.append(f"impl = 'auto' resolved to {impl!r} (verl {version}'s default for this path)")
-        k = dataclasses.replace(k, impl=impl)
+        k = dataclasses.replace(k, impl=impl)  # type: ignore[arg-type]
+        if spec.optimizer.clip_grad_norm == 0:
+            notes.append(f"clip_grad_norm = 0: verl has no 'off' switch, clip set to {CLIP_OFF:g} (coefficient 1)")
         if k.impl == "engine":
             if _vt(version) < (0, 7):
                 raise RuntimeError(f"verl {version} has no model-engine TrainingWorker (>= 0.7); use impl = 'legacy'")
@@ -317,7 +320,8 @@ class VerlAdapter(Adapter):
     def _response_horizon(spec: Spec, step: int) -> int:
         smp = D.samples(spec)
         b = spec.batch
-        longest = max(len(smp[i].response) for r in range(b.world_size) for i in VerlAdapter._rank_indices(spec, step, r))
+        longest = max(len(smp[i].response) for r in range(b.world_size)
+                      for i in VerlAdapter._rank_indices(spec, step, r))
         return max(longest, spec.rl.max_response_len)
 
     def _ppo_tensors(self, spec: Spec, step: int, ctx: WorkerContext, shadow: Any) -> dict[str, Any]:
@@ -437,7 +441,7 @@ class VerlAdapter(Adapter):
         version = ctx.state["version"]
         if ctx.device == "cpu":
             patches += verl_cpu.register_cpu_engines()
-            patches += self._autocast_patch(["verl.workers.engine.fsdp.transformer_impl"])
+        patches += self._autocast_patch(["verl.workers.engine.fsdp.transformer_impl"])
         if k.path == "critic":
             patches += verl_cpu.patch_valuehead_loader(spec.model.attn_implementation)
         patches.append(PATCHES[1].target)
@@ -626,7 +630,8 @@ class VerlAdapter(Adapter):
         per_gpu = b.micro_batch_size * b.grad_accum  # fsdp_workers: ppo_mini_batch_size * rollout_n // dp
         strategy = "fsdp2" if k.strategy == "fsdp2" else "fsdp"
         cfg = FSDPActorConfig(**self._fields(FSDPActorConfig, dict(
-            strategy=strategy, rollout_n=1, ppo_mini_batch_size=per_gpu, ppo_micro_batch_size_per_gpu=b.micro_batch_size,
+            strategy=strategy, rollout_n=1, ppo_mini_batch_size=per_gpu,
+            ppo_micro_batch_size_per_gpu=b.micro_batch_size,
             use_dynamic_bsz=False, loss_agg_mode=spec.loss.aggregation, clip_ratio=spec.rl.clip_ratio_low,
             clip_ratio_low=spec.rl.clip_ratio_low, clip_ratio_high=spec.rl.clip_ratio_high, entropy_coeff=0.0,
             calculate_entropy=False, use_kl_loss=False, ppo_epochs=1, shuffle=False, use_torch_compile=False,
@@ -648,7 +653,8 @@ class VerlAdapter(Adapter):
         steps = []
         for s in range(b.steps):
             tensors = self._ppo_tensors(spec, s, ctx, shadow)
-            data = DataProto.from_dict(tensors=tensors, meta_info={"temperature": 1.0, "pad_token_id": spec.data.pad_id})
+            data = DataProto.from_dict(tensors=tensors,
+                                       meta_info={"temperature": 1.0, "pad_token_id": spec.data.pad_id})
             metrics = actor.update_policy(data)
             params = self._full(module, "param")
             if "grads" not in snap:
@@ -674,8 +680,7 @@ class VerlAdapter(Adapter):
         from omegaconf import OmegaConf
         from tensordict import TensorDict
 
-        if ctx.device == "cpu":
-            patches += self._autocast_patch(["verl.trainer.fsdp_sft_trainer"])
+        patches += self._autocast_patch(["verl.trainer.fsdp_sft_trainer"])
         b = spec.batch
         src = inspect.getsource(fst.FSDPSFTTrainer._compute_loss_and_backward)
         if 'loss_mask")[:, :-1]' in src:
@@ -790,7 +795,7 @@ def _asdict(cfg: Any) -> Any:
 
     if cfg is None:
         return None
-    out = {}
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, (int, float, str, bool)) or v is None:

@@ -50,7 +50,7 @@ class _RayStubLoader(importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         mod = types.ModuleType(spec.name)
         mod.__path__ = []  # a package: `import ray.util.x` works
-        mod.__stepdiff_stub__ = True
+        mod.__stepdiff_stub__ = True  # type: ignore[attr-defined]
 
         def __getattr__(name: str) -> Any:
             if name.startswith("__"):
@@ -58,7 +58,7 @@ class _RayStubLoader(importlib.abc.Loader):
             return _stub_class(f"{spec.name}.{name}")
 
         mod.__getattr__ = __getattr__  # type: ignore[method-assign]
-        mod.is_initialized = lambda: False
+        mod.is_initialized = lambda: False  # type: ignore[attr-defined]
         return mod
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -263,28 +263,27 @@ def patch_attention_utils() -> list[str]:
         pass
     from einops import rearrange
 
-    au._get_attention_functions = lambda: (_index_first_axis, _pad_input, rearrange, _unpad_input)
+    au._get_attention_functions = lambda: (_index_first_axis, _pad_input, rearrange, _unpad_input)  # type: ignore[attr-defined]
     return _applied(["verl.utils.attention_utils._get_attention_functions"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P6: hard-coded bf16 torch.autocast on CPU (0.5/0.6 fsdp_sft_trainer, 0.7 engine): disabled on CPU
+# P6: hard-coded bf16 torch.autocast (0.5/0.6 fsdp_sft_trainer, 0.7 engine): disabled (the spec is fp32)
 
 
 def patch_cpu_autocast(modules: list[str]) -> list[str]:
-    """Give the named verl modules a `torch` whose `autocast` is disabled for device_type 'cpu'. Only those modules
-    see it; torch itself is untouched."""
+    """Give the named verl modules a `torch` whose `autocast` is disabled (fp32 runs; on CPU the hard-coded bf16
+    autocast really computes in bf16). Only those modules see it; torch itself is untouched."""
     import torch
 
-    class _CpuOffAutocast(torch.autocast):  # type: ignore[misc, name-defined]
+    class _Fp32Autocast(torch.autocast):  # type: ignore[misc, name-defined]
         def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
-            if device_type == "cpu":
-                kwargs["enabled"] = False
+            kwargs["enabled"] = False
             super().__init__(device_type, *args, **kwargs)
 
     proxy = types.ModuleType("torch")
     proxy.__dict__.update({k: v for k, v in torch.__dict__.items()})
-    proxy.autocast = _CpuOffAutocast
+    proxy.autocast = _Fp32Autocast  # type: ignore[attr-defined]
     done = []
     for name in modules:
         try:
@@ -292,7 +291,7 @@ def patch_cpu_autocast(modules: list[str]) -> list[str]:
         except ImportError:
             continue
         if getattr(mod, "torch", None) is torch:
-            mod.torch = proxy
+            mod.torch = proxy  # type: ignore[attr-defined]
             done.append(name)
     return _applied([f"{m}.torch.autocast" for m in done])
 
@@ -323,7 +322,7 @@ def patch_fsdp1_sync_module_states() -> list[str]:
     except ImportError:
         return []
     if hasattr(iu, "_check_module_states_for_sync_module_states"):
-        iu._check_module_states_for_sync_module_states = lambda *a, **k: None
+        iu._check_module_states_for_sync_module_states = lambda *a, **k: None  # type: ignore[attr-defined]
         return _applied(["torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"])
     return []
 
@@ -354,5 +353,5 @@ def patch_valuehead_loader(attn_implementation: str) -> list[str]:
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
 
     load_valuehead_model._stepdiff = True  # type: ignore[attr-defined]
-    um.load_valuehead_model = load_valuehead_model
+    um.load_valuehead_model = load_valuehead_model  # type: ignore[attr-defined]
     return _applied(["verl.utils.model.load_valuehead_model"])

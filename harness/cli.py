@@ -158,6 +158,39 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from stepdiff.reports import terminal
+
+    from . import spec as S
+    from .fuzz import fuzz
+    from .runner import parse_pin
+
+    base = S.load(resolve_case(args.case))
+    pins = args.framework or list(base.case.frameworks)
+    worst = 0
+    report = []
+    for pin_text in pins:
+        pin = parse_pin(pin_text)
+        res = fuzz(base, pin, examples=args.examples, seed=args.seed, max_grad_accum=args.max_grad_accum,
+                   max_micro_batch=args.max_micro_batch)
+        if res.failing is None:
+            print(f"{pin.label}: agrees on all {res.examples} drawn configurations")
+        else:
+            assert res.result is not None
+            shown = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in res.failing.items())
+            print(f"{pin.label}: {res.result.verdict.upper()} - minimal configuration after {res.examples} runs: {shown}")
+            print("\n".join(terminal.detail(res.result)))
+            worst = max(worst, 2 if res.result.verdict == "error" else 1)
+        report.append({"framework": pin.label, "examples": res.examples,
+                       "failing": {k: list(v) if isinstance(v, tuple) else v for k, v in (res.failing or {}).items()}
+                       or None, "verdict": res.result.verdict if res.result else "agree",
+                       "signature": res.result.signature.name if res.result and res.result.signature else None,
+                       "microbatch_weights": list(res.result.fit.weights) if res.result and res.result.fit else None})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"case": base.case.name, "runs": report}, indent=1))
+    return worst
+
+
 def cmd_cases(args: argparse.Namespace) -> int:
     from . import spec as S
 
@@ -212,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("conformance", help="run the adapter conformance kit against framework runs")
     conf.add_argument("pins", nargs="+", metavar="NAME==VERSION", help="framework pins, or 'reference'")
     conf.set_defaults(func=cmd_conformance)
+    fz = sub.add_parser("fuzz", help="hypothesis search of batch/length/accumulation configurations around a case")
+    fz.add_argument("case")
+    fz.add_argument("--framework", "-f", action="append", metavar="NAME==VERSION")
+    fz.add_argument("--examples", type=int, default=20, help="configurations to draw per framework (default 20)")
+    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--max-grad-accum", type=int, default=4)
+    fz.add_argument("--max-micro-batch", type=int, default=3)
+    fz.add_argument("--json", metavar="PATH")
+    fz.set_defaults(func=cmd_fuzz)
     cases = sub.add_parser("cases", help="list the bundled cases")
     cases.set_defaults(func=cmd_cases)
     sh = sub.add_parser("spec-help", help="every case-file field with its default and meaning")

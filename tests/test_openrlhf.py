@@ -145,6 +145,23 @@ def test_bf16_and_real_deepspeed_adam(case: S.Spec, tmp_path: Path) -> None:
     assert runs[FIXED].verdict == "agree", runs[FIXED].reason
 
 
+@pytest.mark.slow
+def test_conformance_kit(tmp_path: Path) -> None:
+    """The harness's conformance kit, with the AdamW optimizer OpenRLHF can build (its base spec uses SGD)."""
+    from stepdiff.adapters.openrlhf import OpenRLHFAdapter
+    from stepdiff.harness.conformance import base_spec, run_conformance
+    from stepdiff.harness.runner import parse_pin
+
+    pin = parse_pin(FIXED)
+    raw = S.to_dict(base_spec(pin))
+    raw["optimizer"] = {**raw["optimizer"], **OpenRLHFAdapter.conformance_optimizer}
+    spec = S.from_dict(raw)
+    checks = {c.name: c for c in run_conformance(pin, spec, workdir=tmp_path)}
+    assert set(checks) == {"unsupported", "init", "order", "pre-clip", "repeat", "zero-lr"}
+    failed = {n: c.detail for n, c in checks.items() if c.passed is False}
+    assert not failed, failed
+
+
 def test_unsupported_specs_are_reported(case: S.Spec) -> None:
     from stepdiff.adapters.openrlhf import OpenRLHFAdapter as A
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.cli import resolve_case
@@ -158,7 +157,7 @@ def test_grpo_loss_types_agree(tmp_path: Path, aggregation: str, ws: int, ga: in
 def test_sft_world_size_2_per_rank_token_mean_caught(tmp_path: Path) -> None:
     """HF-4: transformers 4.46.3 fixed the accumulation (HF-1) but normalises each rank by its own tokens
     (average_tokens_across_devices did not exist / defaulted off before 4.54): at world size 2 it is a mean over ranks
-    of per-rank token means. trl 1.16.0 at world size 2 agrees (test_sft_world_size_2_adamw_clipping_current_release)."""
+    of per-rank token means. trl 1.16.0 at world size 2 agrees (test_sft_world_size_2_adamw_clipping_...)."""
     spec = case("trl-sft-ga3").replace(batch__world_size=2, batch__steps=1)
     result = run_case(spec, [HF1_FIXED], workdir=tmp_path)
     run = result.runs[0]
@@ -170,6 +169,31 @@ def test_sft_world_size_2_per_rank_token_mean_caught(tmp_path: Path) -> None:
     assert list(run.fit.weights) == pytest.approx(predicted, rel=1e-3)
     assert run.signature is not None and run.signature.name == "rank-token-mean"
     assert run.meta["extra"]["accelerate_num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_sft_supervise_all_position_zero_counted(tmp_path: Path) -> None:
+    """HF-2: with every token supervised, transformers 4.46.3 counts the position-0 label (never a target after the
+    causal shift) in num_items_in_batch: the whole gradient is scaled by N / (N + rows). trl 1.16.0 agrees."""
+    spec = case("trl-sft-ga3").replace(data__supervise="all", batch__steps=1)
+    result = run_case(spec, [HF1_FIXED, CURRENT], workdir=tmp_path)
+    runs = by_label(result)
+    bug = runs[HF1_FIXED]
+    n = sum(D.microbatch_token_counts(spec, 0)[0])
+    rows = spec.samples_per_step
+    assert bug.verdict == "diverge" and bug.signature.name == "uniform-scale"
+    assert list(bug.fit.weights) == pytest.approx([n / (n + rows)] * 3, rel=1e-4)
+    assert_clean(runs[CURRENT], 3)
+
+
+@pytest.mark.slow
+def test_deepspeed_through_trl_world_size_2(tmp_path: Path) -> None:
+    spec = case("trl-deepspeed-zero2-offload-ga3").replace(batch__world_size=2)
+    result = run_case(spec, [DS_BUGGY, DS_FIXED], workdir=tmp_path)
+    runs = by_label(result)
+    assert list(runs[DS_BUGGY].fit.weights) == pytest.approx([1, 0, 1, 1, 0, 1], abs=1e-4)
+    assert runs[DS_BUGGY].signature.name == "dropped-microbatches"
+    assert_clean(runs[DS_FIXED], 6)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.runner import run_case
