@@ -23,6 +23,7 @@ from stepdiff.harness.spec import Spec
 
 if TYPE_CHECKING:
     import torch
+
     from stepdiff.harness.data import MicroBatch
 
 
@@ -135,8 +136,9 @@ def torch_dtype(name: str) -> torch.dtype:
 def build_model(spec: Spec, init_path: Path | None, dtype: str | None = None) -> Any:
     """A transformers LlamaForCausalLM from the spec's config, with the shared initial weights loaded strictly."""
     import torch
-    from stepdiff.harness.model import hf_config
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
+
+    from stepdiff.harness.model import hf_config
 
     cfg = LlamaConfig(**hf_config(spec))
     cfg._attn_implementation = spec.model.attn_implementation

@@ -178,7 +178,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         else:
             assert res.result is not None
             shown = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in res.failing.items())
-            print(f"{pin.label}: {res.result.verdict.upper()} - minimal configuration after {res.examples} runs: {shown}")
+            verdict = res.result.verdict.upper()
+            print(f"{pin.label}: {verdict} - minimal configuration after {res.examples} runs: {shown}")
             print("\n".join(terminal.detail(res.result)))
             worst = max(worst, 2 if res.result.verdict == "error" else 1)
         report.append({"framework": pin.label, "examples": res.examples,

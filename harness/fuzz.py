@@ -112,7 +112,8 @@ def fuzz(base: Spec, pin: FrameworkPin, examples: int = 20, seed: int = 0, max_g
          max_micro_batch: int = 3, workdir: Path | None = None) -> FuzzResult:
     """Search configurations around `base` for one where `pin` does not agree with the reference."""
     try:
-        from hypothesis import HealthCheck, given, seed as hseed, settings
+        from hypothesis import HealthCheck, given, settings
+        from hypothesis import seed as hseed
         from hypothesis import strategies as st
     except ImportError:
         raise UsageError("stepdiff fuzz needs hypothesis: pip install hypothesis") from None

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stepdiff.harness import spec as S
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness import spec as S
 from stepdiff.harness.conformance import base_spec, run_conformance
 from stepdiff.harness.runner import FrameworkPin, parse_pin

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness import spec as S
 from stepdiff.harness.cli import resolve_case
 from stepdiff.harness.runner import run_case

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from stepdiff.harness.diff import dict_diff, scalar_rel, tensor_diff
 from stepdiff.harness.signatures import candidate_patterns, describe, fit_weights
 from stepdiff.harness.tolerance import CalibrationError, bound_for

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness.envs import uv_binary
 
 ROOT = Path(__file__).resolve().parent.parent

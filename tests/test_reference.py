@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.diff import dict_diff

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.cli import bundled_cases
