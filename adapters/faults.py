@@ -23,8 +23,8 @@ from .reference import ReferenceAdapter
 
 @dataclass(frozen=True)
 class FaultKnobs:
-    mode: Literal["none", "crash", "hang", "exception", "nan", "missing", "no-step", "scale", "drop"] = doc(
-        "none", "What goes wrong.")
+    mode: Literal["none", "crash", "hang", "exception", "nan", "missing", "no-step", "scale", "drop",
+                  "mask-first"] = doc("none", "What goes wrong.")
     scale: float = doc(2.0, "mode=scale: factor applied to every gradient and update.")
     drop: int = doc(1, "mode=drop: index of the micro-batch (rank 0) whose contribution is removed.", minimum=0)
 
@@ -56,6 +56,15 @@ class FaultsAdapter(Adapter):
             time.sleep(10**6)
         if k.mode == "exception":
             raise RuntimeError("faults: simulated framework exception")
+        if k.mode == "mask-first":  # an off-by-one loss mask: the first response token is never a target
+            from stepdiff.harness import data as D
+            from stepdiff.harness.spec import Sample
+
+            moved = tuple(Sample(prompt=(*x.prompt, x.response[0]), response=x.response[1:] or x.response)
+                          for x in D.samples(spec))
+            rec = ReferenceAdapter().run(spec.replace(data__samples=moved), init_path, ctx)
+            rec.extras = {}
+            return rec
         rec = ReferenceAdapter().run(spec, init_path, ctx)
         rec.meta.adapter, rec.meta.code_path = self.name, f"faults mode={k.mode}"
         st = rec.steps[0]

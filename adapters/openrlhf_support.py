@@ -20,15 +20,12 @@ import types
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
 from .base import Patch
-
-if TYPE_CHECKING:
-    pass
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments
@@ -69,7 +66,7 @@ def imports_ray_on_sft_path(version: str | None) -> bool:
     return parts < (0, 10)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def release_pins(version: str | None) -> tuple[str | None, str | None, str]:
     """(deepspeed, transformers, flash-attn) pins of an OpenRLHF release; None = unpinned (newest)."""
     if version is None:
@@ -354,7 +351,8 @@ def build_argv(parser: Any, want: dict[str, Any]) -> tuple[list[str], str]:
             flag = find_flag(options, "attn")
             if flag is not None:
                 argv += [flag, value]
-            # older releases: eager/sdpa unless --flash_attn is given (never given here)
+            elif value != "eager":  # older releases: eager unless --flash_attn is given (never given here)
+                raise CliError(f"this OpenRLHF CLI has no attention option; it runs eager, not {value}")
             continue
         flag = find_flag(options, concept)
         if flag is None:

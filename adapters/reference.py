@@ -61,7 +61,10 @@ class ReferenceAdapter(Adapter):
         loss_kinds=("sft", "policy", "value", "dpo"),
     )
 
-    def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None) -> Record:
+    def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None,
+            token_step: int | None = None) -> Record:
+        """The spec's steps. With `token_step`, also the per-token contributions of that step (extras
+        `tok/<sample>/<t>/<name>`, for every target position t >= 1, supervised or not), for the token-level fit."""
         import torch
 
         t0 = time.perf_counter()
@@ -87,13 +90,16 @@ class ReferenceAdapter(Adapter):
             for r in range(b.world_size):
                 for m in range(b.grad_accum):
                     idx = D.micro_batch_indices(spec, s, r, m)
+                    if token_step == s:
+                        extras.update(self._token_contributions(spec, model, idx, smp, norms, ctx, acc))
                     model.zero_grad(set_to_none=True)
                     share = self._share(spec, model, frozen, idx, smp, adv, norms, ctx, acc)
                     share.backward()
                     loss_total += float(share.detach())
                     for n, p in params.items():
                         g = p.grad if p.grad is not None else torch.zeros_like(p)
-                        extras[f"contrib/{s}/{r}/{m}/{n}"] = g.detach().to(acc).cpu().clone()
+                        if token_step is None:
+                            extras[f"contrib/{s}/{r}/{m}/{n}"] = g.detach().to(acc).cpu().clone()
                         total[n] += g.detach().double()
             # clone: clipping below works in place on p.grad, and .to() of a same-dtype tensor is no copy (fp64)
             grads = {n: t.to(acc).cpu().clone() for n, t in total.items()}
@@ -139,6 +145,33 @@ class ReferenceAdapter(Adapter):
                 a = torch.tensor([adv[i] for i in idx], dtype=acc, device=dev)[:, None]
                 per_token = -a * torch.exp(logp - logp.detach())
         return aggregate(spec, per_token, mask, norms)
+
+    def _token_contributions(self, spec: Spec, model: Any, idx: list[int], smp: tuple[D.Sample, ...],
+                             norms: D.StepNorms, ctx: WorkerContext, acc: Any) -> dict[str, Any]:
+        """Gradient of each target token's loss, scaled by the weight a supervised token has in the correct
+        aggregation (so a correct framework's token weights are 1 on supervised targets and 0 elsewhere)."""
+        import torch
+
+        out: dict[str, Any] = {}
+        params = dict(model.named_parameters())
+        for i in idx:
+            mb = D.collate(spec, [i], smp)
+            ids = mb.input_ids.to(ctx.torch_device)
+            logits = model(input_ids=ids, attention_mask=mb.attention_mask.to(ctx.torch_device)).logits[0, :-1]
+            ce = torch.nn.functional.cross_entropy(logits.to(acc), ids[0, 1:], reduction="none")
+            n_sup = max(int(mb.loss_mask.sum()), 1)
+            agg = spec.loss.aggregation
+            scale = (1.0 / max(norms.tokens, 1) if agg == "token-mean" else
+                     1.0 / (norms.sequences * n_sup) if agg == "seq-mean-token-mean" else
+                     1.0 / (norms.sequences * norms.max_response_len) if agg == "seq-mean-token-sum-norm" else
+                     1.0 / norms.sequences)
+            for t in range(1, ids.shape[1]):
+                grads = torch.autograd.grad(ce[t - 1] * scale, list(params.values()), retain_graph=True,
+                                            allow_unused=True)
+                for n, g in zip(params, grads, strict=True):
+                    out[f"tok/{i}/{t}/{n}"] = (g if g is not None else torch.zeros_like(params[n])).detach().to(
+                        acc).cpu().clone()
+        return out
 
     def _dpo_share(self, spec: Spec, model: Any, frozen: Any, idx: list[int], smp: tuple[D.Sample, ...],
                    norms: D.StepNorms, ctx: WorkerContext, acc: Any) -> Any:

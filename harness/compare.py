@@ -12,7 +12,7 @@ from . import data as D
 from .diff import DictDiff, dict_diff, scalar_rel, subtract
 from .errors import WorkerError
 from .record import Record
-from .signatures import Fit, Signature, describe, fit_weights
+from .signatures import Fit, Signature, TokenFinding, describe, fit_weights, token_fit
 from .spec import Spec
 from .tolerance import Bound
 
@@ -58,6 +58,8 @@ class RunResult:
     """Other pins of the run's version set, e.g. ('deepspeed==0.18.9',) next to trl."""
     supervision: list[str] = field(default_factory=list)
     """Differences between the tokens the framework supervises (when it reports them) and the spec's."""
+    tokens: TokenFinding | None = None
+    """The token-level fit at the first diverging step (SFT, tiny models)."""
 
     @property
     def label(self) -> str:
@@ -172,6 +174,19 @@ def check_supervision(spec: Spec, reported: dict[str, list[int]] | None) -> list
             findings.setdefault(what, []).append(i)
     return [f"{what} (samples {', '.join(map(str, sorted(set(ids))[:8]))}"
             f"{', ...' if len(set(ids)) > 8 else ''})" for what, ids in findings.items()]
+
+
+def fit_tokens(spec: Spec, grads: dict[str, torch.Tensor], token_ref: Record) -> TokenFinding:
+    """The token-level fit of a framework's step gradient on the reference's per-token contributions."""
+    contribs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, t in token_ref.extras.items():
+        if key.startswith("tok/"):
+            _, sample, pos, name = key.split("/", 3)
+            contribs.setdefault((int(sample), int(pos)), {})[name] = t
+    smp = D.samples(spec)
+    samples = sorted({s for s, _ in contribs})
+    supervised = {s: {t for t, on in enumerate(D.supervised_targets(spec, smp[s]), start=1) if on} for s in samples}
+    return token_fit(grads, contribs, supervised, {s: len(smp[s].prompt) for s in samples})
 
 
 def fit_microbatches(spec: Spec, grads: dict[str, torch.Tensor], ref: Record, step: int) -> tuple[Fit, Signature]:

@@ -4,6 +4,7 @@ environment and worker, and the comparisons. Returns a CaseResult; reports rende
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import tempfile
@@ -176,12 +177,47 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
             return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None), {},
                               elapsed_s=time.perf_counter() - t0)
         runs = [run_framework(spec, p, init, ref, bound, wd, init_tensors, say) for p in pins]
+        _token_fits(spec, runs, init, wd)
         result = CaseResult(spec.case.name, spec, runs, bound, ref_versions, elapsed_s=time.perf_counter() - t0)
         _pairwise(result, wd)
         return result
     finally:
         if own_dir:
             shutil.rmtree(wd, ignore_errors=True)
+
+
+TOKEN_FIT_MAX_FLOATS = 2e8
+"""Per-token contributions are (target tokens x parameters) floats: done for tiny models only."""
+
+
+def _token_fits(spec: Spec, runs: list[RunResult], init: Path, wd: Path) -> None:
+    """For SFT runs that diverge, fit the gradient of the first diverging step on per-token contributions: names
+    mask differences (first response token / EOS not trained, prompt trained) that a micro-batch fit cannot see."""
+    from . import data as D
+    from .compare import fit_tokens
+    from .model import parameter_shapes
+
+    todo = [r for r in runs if r.verdict == "diverge" and r.first_diverging_step is not None]
+    if spec.loss.kind != "sft" or not todo:
+        return
+    n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
+    n_tokens = sum(len(s.prompt) + len(s.response) for s in D.samples(spec)[: spec.samples_per_step])
+    if n_params * n_tokens > TOKEN_FIT_MAX_FLOATS:
+        return
+    host = envs.host_environment()
+    with Worker("reference", host.python, 1, spec.run.device, workdir=wd / "reference-tokens") as w:
+        for step in sorted({r.first_diverging_step for r in todo if r.first_diverging_step is not None}):
+            out = wd / "reference-tokens" / f"step{step}"
+            try:
+                w.submit({"spec": to_dict(spec), "init": str(init), "out": str(out),
+                          "options": {"token_step": step}}, spec.run.timeout_s)
+            except WorkerError:
+                return  # the token fit is an explanation, never a verdict: skip it if it cannot run
+            token_ref = Record.load(out)
+            for r in todo:
+                if r.first_diverging_step == step:
+                    rec = Record.load(wd / _dirname(r.label) / "record")
+                    r.tokens = fit_tokens(spec, rec.steps[step].grads, token_ref)
 
 
 def _pairwise(result: CaseResult, wd: Path) -> None:

@@ -125,3 +125,81 @@ def describe(fit: Fit, counts: Sequence[Sequence[int]]) -> Signature:
     return Signature("reweighted", "micro-batches re-weighted in a pattern none of the known aggregations explains: "
                                    + ", ".join(f"{lab} {x:.3g}" for lab, x in zip(fit.labels, w, strict=True)),
                      dev(pats["correct"][0]))
+
+
+@dataclass(frozen=True)
+class TokenFinding:
+    """The token-level fit: the weight each target token got, relative to a supervised token of its sample."""
+
+    name: str
+    """'correct', 'token-mask' (named mask differences), 'sample-weights' or 'unexplained'."""
+    text: str
+    residual: float
+    relative: dict[int, dict[int, float]]
+    """sample -> target position -> weight relative to the sample's typical supervised token."""
+
+
+def token_fit(grad: Mapping[str, torch.Tensor], contributions: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+              supervised: Mapping[int, set[int]], prompt_len: Mapping[int, int]) -> TokenFinding:
+    """Fit the gradient on per-token contributions and name mask differences shared by the samples.
+
+    contributions[(sample, t)] is the gradient of target position t's loss at the weight a supervised token has in
+    the correct aggregation, so correct weights are 1 on supervised targets and 0 on the others.
+    """
+    keys = list(contributions)
+    fit = fit_weights(grad, [contributions[k] for k in keys], [f"{s}:{t}" for s, t in keys])
+    w = dict(zip(keys, fit.weights, strict=True))
+    relative: dict[int, dict[int, float]] = {}
+    dropped: set[int] = set()
+    sample_weight: dict[int, float] = {}
+    for sample, sup in supervised.items():
+        positions = sorted(t for s, t in keys if s == sample)
+        inner = sorted(sup)[1:-1] or sorted(sup)
+        base = sorted(w[(sample, t)] for t in inner)[len(inner) // 2]
+        sample_weight[sample] = base
+        if abs(base) < WEIGHT_TOL:  # the whole sample got (nearly) no weight: keep absolute weights
+            dropped.add(sample)
+            relative[sample] = {t: w[(sample, t)] for t in positions}
+        else:
+            relative[sample] = {t: w[(sample, t)] / base for t in positions}
+    if fit.residual > RESIDUAL_TOL:
+        return TokenFinding("unexplained", f"no per-token weighting explains the gradient (residual {fit.residual:.2g}):"
+                            " the error is in the forward or backward itself (attention mask, positions, ...), not in "
+                            "which tokens are trained", fit.residual, relative)
+
+    live = [s for s in relative if s not in dropped]
+
+    def all_samples(pred: Any, which: Any) -> bool:
+        vals = [pred(relative[s][which(s)]) for s in live if which(s) in relative[s]]
+        return bool(vals) and all(vals)
+
+    def near(x: float, target: float, tol: float = 0.05) -> bool:
+        return abs(x - target) <= tol
+
+    findings = []
+    first = lambda s: prompt_len[s]  # noqa: E731 - the first response token's target position
+    last = lambda s: max(supervised[s])  # noqa: E731 - the last supervised target (EOS)
+    last_prompt = lambda s: prompt_len[s] - 1  # noqa: E731
+    if all_samples(lambda x: near(x, 0.0), first):
+        findings.append("first response token never trained")
+    if all_samples(lambda x: near(x, 0.0), last):
+        findings.append("last response token (EOS) never trained")
+    if all_samples(lambda x: near(x, 1.0, 0.1), last_prompt) and any(prompt_len[s] >= 2 for s in relative):
+        findings.append("last prompt token trained as a target")
+    prompt_rel = [relative[s][t] for s in live for t in relative[s] if t < prompt_len[s] - 1]
+    if prompt_rel and all(near(x, 1.0, 0.1) for x in prompt_rel):
+        findings.append("prompt tokens trained (no completion-only mask)")
+    if findings:
+        return TokenFinding("token-mask", "; ".join(findings), fit.residual, relative)
+    uniform_inside = all(near(relative[s][t], 1.0) for s in live for t in supervised[s])
+    clean_outside = all(near(relative[s][t], 0.0) for s in live for t in relative[s] if t not in supervised[s])
+    silent = all(near(x, 0.0, WEIGHT_TOL) for s in dropped for x in relative[s].values())
+    if uniform_inside and clean_outside and silent:
+        per_sample = {s: 0.0 if s in dropped else sample_weight[s] for s in supervised}
+        if all(near(v, 1.0, WEIGHT_TOL) for v in per_sample.values()):
+            return TokenFinding("correct", "every supervised token weighted correctly, no other token trained",
+                                fit.residual, relative)
+        return TokenFinding("sample-weights", "the right tokens are trained, uniformly within each sample; sample "
+                            "weights " + ", ".join(f"{s}: {v:.3g}" for s, v in sorted(per_sample.items())),
+                            fit.residual, relative)
+    return TokenFinding("reweighted", "tokens re-weighted in a pattern with no name", fit.residual, relative)

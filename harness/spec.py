@@ -179,9 +179,9 @@ class Spec:
         for key, value in sections.items():
             if "__" in key:
                 sec, name = key.split("__", 1)
-                raw.setdefault(sec, {})[name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+                raw.setdefault(sec, {})[name] = to_dict(value)
             else:
-                raw[key] = to_dict(value) if dataclasses.is_dataclass(value) else value
+                raw[key] = to_dict(value)
         return from_dict(raw)
 
 

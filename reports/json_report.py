@@ -39,6 +39,9 @@ def run_dict(r: RunResult) -> dict[str, Any]:
         "signature": r.signature.name if r.signature else None,
         "signature_text": r.signature.text if r.signature else None,
         "supervision_mismatches": r.supervision,
+        "token_signature": r.tokens.name if r.tokens else None,
+        "token_signature_text": r.tokens.text if r.tokens else None,
+        "token_fit_residual": _f(r.tokens.residual) if r.tokens else None,
         "steps": [
             {
                 "step": s.step, "loss": _f(s.loss), "loss_ref": _f(s.loss_ref), "loss_rel": _f(s.loss_rel),

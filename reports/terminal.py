@@ -81,4 +81,6 @@ def detail(r: RunResult) -> list[str]:
         lines.append(f"  micro-batch weights at step {r.fit_step} (fit residual {r.fit.residual:.1e}): "
                      + ", ".join(f"{lab}={w:.3f}" for lab, w in zip(r.fit.labels, r.fit.weights, strict=True)))
         lines.append(f"  signature: {r.signature.name}: {r.signature.text}")
+    if r.tokens:
+        lines.append(f"  token weights (fit residual {r.tokens.residual:.1e}): {r.tokens.name}: {r.tokens.text}")
     return lines

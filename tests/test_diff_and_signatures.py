@@ -119,3 +119,32 @@ def test_supervision_check_names_off_by_one() -> None:
     assert "last prompt token supervised (samples 0, 1)" in found
     dropped_first = {"0": [4, 5], "1": [3]}
     assert check_supervision(spec, dropped_first) == ["first response token not supervised (samples 0, 1)"]
+
+
+def test_token_fit_names_mask_shapes() -> None:
+    from stepdiff.harness.signatures import token_fit
+
+    # two samples: prompt lengths 3 and 2; targets t = 1..5 and 1..4; supervised = response targets
+    prompt = {0: 3, 1: 2}
+    positions = {0: range(1, 6), 1: range(1, 5)}
+    supervised = {0: {3, 4, 5}, 1: {2, 3, 4}}
+    keys = [(s, t) for s in (0, 1) for t in positions[s]]
+    cs = {k: {"w": rand(40, 30, seed=7 * i), "b": rand(9, seed=500 + i)} for i, k in enumerate(keys)}
+
+    def grad(weight: dict[tuple[int, int], float]) -> dict[str, torch.Tensor]:
+        return {n: torch.stack([weight.get(k, 0.0) * cs[k][n] for k in keys]).sum(0) for n in ("w", "b")}
+
+    correct = {(s, t): 1.0 for s in supervised for t in supervised[s]}
+    assert token_fit(grad(correct), cs, supervised, prompt).name == "correct"
+    no_first = {k: v for k, v in correct.items() if k not in {(0, 3), (1, 2)}}
+    found = token_fit(grad(no_first), cs, supervised, prompt)
+    assert found.name == "token-mask" and found.text == "first response token never trained"
+    shifted = {(0, 2): 1.0, (0, 3): 1.0, (0, 4): 1.0, (1, 1): 1.0, (1, 2): 1.0, (1, 3): 1.0}
+    assert token_fit(grad(shifted), cs, supervised, prompt).text == (
+        "last response token (EOS) never trained; last prompt token trained as a target")
+    halves = {k: (0.5 if k[0] == 1 else 1.0) for k in correct}
+    found = token_fit(grad(halves), cs, supervised, prompt)
+    assert found.name == "sample-weights" and "1: 0.5" in found.text
+    noisy = grad(correct)
+    noisy["w"] = noisy["w"] + 0.2 * rand(40, 30, seed=12345)
+    assert token_fit(noisy, cs, supervised, prompt).name == "unexplained"

@@ -62,3 +62,15 @@ def test_synthetic_faults_are_divergences_with_shape(tmp_path: Path) -> None:
     assert run["microbatch_weights"] == pytest.approx([0.5] * 3, abs=1e-3)
     code, report, _ = run_faults(tmp_path, "none")
     assert code == 0 and report["runs"][0]["max_rel_grad_error"] == 0.0
+
+
+def test_token_fit_names_a_mask_off_by_one_end_to_end(tmp_path: Path) -> None:
+    """A framework whose loss mask misses the first response token: the micro-batch fit cannot see it (its residual
+    is large), the token-level fit names it."""
+    code, report, stdout = run_faults(tmp_path, "mask-first")
+    assert code == 1
+    run = report["runs"][0]
+    assert run["signature"] == "unexplained"
+    assert run["token_signature"] == "token-mask"
+    assert run["token_signature_text"] == "first response token never trained"
+    assert run["token_fit_residual"] < 1e-5

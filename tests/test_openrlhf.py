@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.runner import run_case
@@ -143,6 +144,20 @@ def test_bf16_and_real_deepspeed_adam(case: S.Spec, tmp_path: Path) -> None:
     assert runs[BUGGY].verdict == "diverge" and runs[BUGGY].max_rel_grad_error > 1.0
     assert list(runs[BUGGY].fit.weights) == pytest.approx(mean_of_means(spec), rel=5e-2)
     assert runs[FIXED].verdict == "agree", runs[FIXED].reason
+
+
+@pytest.mark.slow
+def test_flat_cli_and_first_response_token_dropped(case: S.Spec, tmp_path: Path) -> None:
+    """Flat CLI spelling (<= 0.10.1). OR-2: 0.7.0's loss mask starts one token late (first response token never
+    trained); 0.10.1's mask is the spec's and shows only the mean of means."""
+    runs = by_label(run_case(case, ["openrlhf==0.7.0", "openrlhf==0.10.1"], workdir=tmp_path))
+    old, flat = runs["openrlhf==0.7.0"], runs["openrlhf==0.10.1"]
+    want = spec_targets(case)
+    assert old.verdict == "diverge" and "first response token not supervised" in old.reason
+    assert old.meta["extra"]["supervised_targets"] == {k: v[1:] for k, v in want.items()}
+    assert old.meta["extra"]["cli_dialect"] == flat.meta["extra"]["cli_dialect"] == "flat"
+    assert flat.verdict == "diverge" and flat.meta["extra"]["supervised_targets"] == want
+    assert list(flat.fit.weights) == pytest.approx(mean_of_means(case), rel=1e-4)
 
 
 @pytest.mark.slow
