@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -163,9 +163,9 @@ def token_fit(grad: Mapping[str, torch.Tensor], contributions: Mapping[tuple[int
         else:
             relative[sample] = {t: w[(sample, t)] / base for t in positions}
     if fit.residual > RESIDUAL_TOL:
-        return TokenFinding("unexplained", f"no per-token weighting explains the gradient (residual {fit.residual:.2g}):"
-                            " the error is in the forward or backward itself (attention mask, positions, ...), not in "
-                            "which tokens are trained", fit.residual, relative)
+        text = (f"no per-token weighting explains the gradient (residual {fit.residual:.2g}): the error is in the "
+                "forward or backward itself (attention mask, positions, ...), not in which tokens are trained")
+        return TokenFinding("unexplained", text, fit.residual, relative)
 
     live = [s for s in relative if s not in dropped]
 
