@@ -1,6 +1,8 @@
 """verl adapter: the spec's steps through verl's own training code (engine workers, legacy actor, legacy SFT trainer).
 
-What runs (knob `path` x `impl`):
+What runs (knob `path` x `impl`; impl = "auto", the default, is the release's own default: the legacy SFT trainer
+while verl ships it (<= 0.6.x), the legacy actor while `use_legacy_worker_impl=auto` picks it (<= 0.7.x), the engine
+otherwise; the critic is always the engine):
 - sft / engine (verl >= 0.7): `verl.workers.engine_workers.TrainingWorker` (built in-process, no Ray) with
   `verl.workers.utils.losses.sft_loss`, `.train_batch(td)` per optimizer step: exactly what
   `verl/trainer/sft_trainer.py` does (FSDPEngineWithLMHead.forward_backward_batch + optimizer_step). Data in the

@@ -161,7 +161,8 @@ def check_supervision(spec: Spec, reported: dict[str, list[int]] | None) -> list
     for key, positions in reported.items():
         i = int(key)
         s = smp[i]
-        want = {t for t, on in enumerate(D.supervised_targets(spec, s), start=1) if on}
+        want = ({t for t, on in enumerate(D.supervised_targets(spec, s), start=1) if on}
+                if D.included(spec, s) else set())  # a sample rl.mask_truncated removes supervises nothing
         got = set(positions)
         n_prompt, n_total = len(s.prompt), len(s.prompt) + len(s.response)
         for t in sorted(want - got):

@@ -91,6 +91,10 @@ class Worker:
         return env
 
     def start(self) -> None:
+        # a reused directory (--keep) must not answer this worker's requests with an earlier worker's results
+        for stale in [*self.dir.glob("req-*"), *self.dir.glob("res-*"), *self.dir.glob("ready.*")]:
+            stale.unlink(missing_ok=True)
+        self.next_request = 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.environment(), cwd=self.dir,

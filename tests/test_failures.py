@@ -74,3 +74,14 @@ def test_token_fit_names_a_mask_off_by_one_end_to_end(tmp_path: Path) -> None:
     assert run["token_signature"] == "token-mask"
     assert run["token_signature_text"] == "first response token never trained"
     assert run["token_fit_residual"] < 1e-5
+
+
+def test_kept_directory_is_not_answered_by_a_previous_run(tmp_path: Path) -> None:
+    """Regression: with --keep, a second run's worker read the first run's stale result file."""
+    keep = tmp_path / "keep"
+    for mode, expected in (("exception", 2), ("none", 0)):
+        case = tmp_path / "same.toml"
+        case.write_text(f'[case]\nname = "same"\nframeworks = ["faults"]\n[faults]\nmode = "{mode}"\n')
+        out = subprocess.run([sys.executable, "-m", "stepdiff", "run", str(case), "--keep", str(keep)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == expected, out.stdout[-2000:]

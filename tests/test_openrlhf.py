@@ -123,6 +123,12 @@ def test_intermediate_release_fixes_only_the_rank_half(case: S.Spec, tmp_path: P
     assert ga.signature.name in ("microbatch-token-mean", "microstep-token-mean")
     spec = case.replace(batch__grad_accum=1, batch__world_size=2)
     assert_clean(run_case(spec, [HALF], workdir=tmp_path / "ws").runs[0], spec)
+    both = case.replace(batch__world_size=2)  # per micro-step token count across ranks: [4.7, 0.56, 4.7, 0.56]
+    run = run_case(both, [HALF], workdir=tmp_path / "both").runs[0]
+    counts = D.microbatch_token_counts(both, 0)
+    n, per_step = sum(map(sum, counts)), [counts[0][m] + counts[1][m] for m in range(2)]
+    assert list(run.fit.weights) == pytest.approx([n / (2 * per_step[m]) for _ in range(2) for m in range(2)], rel=1e-4)
+    assert run.signature.name == "microstep-token-mean"
 
 
 @pytest.mark.slow

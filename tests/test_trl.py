@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.cli import resolve_case
@@ -194,6 +195,14 @@ def test_deepspeed_through_trl_world_size_2(tmp_path: Path) -> None:
     assert list(runs[DS_BUGGY].fit.weights) == pytest.approx([1, 0, 1, 1, 0, 1], abs=1e-4)
     assert runs[DS_BUGGY].signature.name == "dropped-microbatches"
     assert_clean(runs[DS_FIXED], 6)
+
+
+@pytest.mark.slow
+def test_dpo_world_size_2(tmp_path: Path) -> None:
+    spec = case("trl-dpo").replace(batch__world_size=2, batch__steps=1)
+    result = run_case(spec, [CURRENT], workdir=tmp_path)
+    assert_clean(result.runs[0], 6)
+    assert result.runs[0].meta["extra"]["accelerate_num_processes"] == 2
 
 
 @pytest.mark.slow

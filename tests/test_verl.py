@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stepdiff.harness import data as D
 from stepdiff.harness import spec as S
 from stepdiff.harness.runner import run_case
@@ -205,3 +206,16 @@ def test_actor_sequence_mean_aggregations(aggregation: str) -> None:
     runs = _runs(run_case(spec, ["verl==0.7.1", "verl==0.9.1"]))
     for r in runs.values():
         _assert_clean(r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pin_text", ["verl==0.5.0", "verl==0.9.1"])
+def test_conformance_kit(pin_text: str, tmp_path: Path) -> None:
+    """The conformance kit on the default path (SFT): the legacy fsdp_sft_trainer (0.5.0) and the engine (0.9.1)."""
+    from stepdiff.harness.conformance import run_conformance
+    from stepdiff.harness.runner import parse_pin
+
+    checks = {c.name: c for c in run_conformance(parse_pin(pin_text), workdir=tmp_path)}
+    assert set(checks) == {"unsupported", "init", "order", "pre-clip", "repeat", "zero-lr"}
+    failed = {n: c.detail for n, c in checks.items() if c.passed is False}
+    assert not failed, failed
