@@ -153,7 +153,18 @@ def build_model(spec: Spec, init_path: Path | None, dtype: str | None = None) ->
         load_init(model, init_path)
     model.to(torch_dtype(dtype or spec.model.dtype))
     model.config.use_cache = False
+    assert_no_dropout(model)
     return model
+
+
+def assert_no_dropout(model: Any) -> None:
+    """Every dropout must be 0: a random mask makes two runs differ by noise the fp64 calibration cannot see (same
+    seed), so it would silently blur every comparison. (LlamaForTokenClassification defaults to 0.1.)"""
+    import torch
+
+    active = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if active:
+        raise RuntimeError(f"dropout is active in {active[:3]}: every run must use dropout 0")
 
 
 def make_optimizer(spec: Spec, params: Any) -> Any:

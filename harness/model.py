@@ -41,7 +41,8 @@ def hf_config(spec: Spec) -> dict[str, Any]:
         vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
         num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
         max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_word_embeddings, attention_dropout=0.0, hidden_act="silu", use_cache=False,
+        tie_word_embeddings=m.tie_word_embeddings, attention_dropout=0.0, classifier_dropout=0.0, hidden_act="silu",
+        use_cache=False,
         pad_token_id=d.pad_id, eos_token_id=d.eos_id, bos_token_id=d.bos_id, attention_bias=False, mlp_bias=False,
     )
 

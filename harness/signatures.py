@@ -84,8 +84,9 @@ def candidate_patterns(counts: Sequence[Sequence[int]]) -> dict[str, tuple[list[
                                   "each micro-batch normalised by its own token count, then averaged over "
                                   "micro-batches "
                                   "and ranks (mean of means): short micro-batches up-weighted"),
-        "microbatch-token-mean-summed": ([n / c if c else 0.0 for c in flat],
-                                         "each micro-batch normalised by its own token count and summed, not averaged"),
+        "microbatch-token-mean-summed": ([n / (ws * c) if c else 0.0 for c in flat],
+                                         "each micro-batch normalised by its own token count and summed over "
+                                         "accumulation, not averaged (ranks averaged)"),
         "rank-token-mean": ([n / (ws * per_rank[r]) for r in range(ws) for _ in range(ga)],
                             "each rank normalised by its own token count, then averaged over ranks"),
         "microstep-token-mean": ([n / (ga * per_micro[m]) for _ in range(ws) for m in range(ga)],

@@ -14,6 +14,7 @@ from stepdiff.harness.runner import FrameworkPin, parse_pin
 ADAPTER_PINS = [
     "reference",
     "deepspeed==0.19.8",
+    "verl==0.9.1",
 ]
 
 

@@ -97,7 +97,9 @@ def test_describe_names_patterns() -> None:
 def test_describe_rank_patterns() -> None:
     counts = [[4, 10], [20, 2]]  # 2 ranks x 2 micro-batches
     cs = contribs(4)
-    for name in ("rank-token-mean", "microstep-token-mean"):
+    assert candidate_patterns(counts)["microbatch-token-mean-summed"][0] == pytest.approx([36 / 8, 36 / 20, 36 / 40,
+                                                                                          36 / 4])
+    for name in ("rank-token-mean", "microstep-token-mean", "microbatch-token-mean-summed"):
         w = candidate_patterns(counts)[name][0]
         assert describe(fit_weights(combine(cs, w), cs), counts).name == name
 

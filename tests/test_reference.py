@@ -135,3 +135,18 @@ def test_fp64_calibration_records_unclipped_gradients(tmp_path: Path) -> None:
     r64, _ = run_reference(spec, tmp_path, dtype="float64")
     assert dict_diff(r32.steps[0].grads, r64.steps[0].grads).total.rel < 1e-5
     assert r64.steps[0].grad_norm > 100 * 1e-3  # recorded norm is the pre-clip one
+
+
+def test_every_model_has_dropout_zero(tmp_path: Path) -> None:
+    """Regression: the value model (LlamaForTokenClassification) defaulted to classifier dropout 0.1 in train mode,
+    which made the reference's critic gradient random; any active dropout is now refused."""
+    from stepdiff.adapters.base import assert_no_dropout, build_model
+
+    spec = S.from_dict({"loss": {"kind": "value"}})
+    a, _ = run_reference(spec, tmp_path)
+    b, _ = run_reference(spec, tmp_path)
+    assert dict_diff(a.steps[0].grads, b.steps[0].grads).total.rel == 0.0
+    model = build_model(spec, None)
+    model.score_dropout = torch.nn.Dropout(0.1)
+    with pytest.raises(RuntimeError, match="dropout is active"):
+        assert_no_dropout(model)

@@ -57,20 +57,6 @@ def _lopsided(spec: S.Spec) -> None:
     assert max(counts) >= 2 * min(counts), counts
 
 
-def _reference_value_dropout() -> float:
-    """The reference's value model dropout (it must be 0: LlamaForTokenClassification defaults to 0.1)."""
-    from stepdiff.adapters.base import build_model
-
-    m = build_model(_spec("verl-critic"), None)
-    return float(m.dropout.p)
-
-
-needs_dropout_free_reference = pytest.mark.skipif(
-    "_reference_value_dropout() > 0",
-    reason="the reference's LlamaForTokenClassification keeps classifier dropout 0.1 in train mode (harness fix: "
-           "classifier_dropout = 0.0 for the value model); the critic comparison is random until then")
-
-
 def test_capabilities_and_unsupported() -> None:
     from stepdiff.adapters.verl import VerlAdapter
 
@@ -124,7 +110,6 @@ def test_engine_actor_071_without_remove_padding_is_unexplained() -> None:
     _assert_clean(ok)
 
 
-@needs_dropout_free_reference
 def test_critic_ve2_engine_sums_microbatch_means_fixed_in_09() -> None:
     spec = _spec("verl-critic")
     _lopsided(spec)
@@ -143,7 +128,6 @@ def test_critic_ve2_engine_sums_microbatch_means_fixed_in_09() -> None:
 
 
 @pytest.mark.slow
-@needs_dropout_free_reference
 def test_critic_ve2_080_vs_091() -> None:
     spec = _spec("verl-critic")
     runs = _runs(run_case(spec, ["verl==0.8.0", "verl==0.9.1"]))
