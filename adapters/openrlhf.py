@@ -95,10 +95,13 @@ class OpenRLHFKnobs:
 
 
 PATCHES = S.PATCHES
-NOT_PPO = ("PPO actor/critic (item 7) not driven: OpenRLHF's PPO trainers exist only as Ray actors "
-           "(openrlhf.trainer.ray.*: PPOTrainer/ActorModelActor built through ray.remote, experiences from a vLLM or "
-           "HF generation RolloutWorker through the Ray object store); without Ray the step would have to be "
-           "re-assembled from its parts (PolicyLoss + strategy), which is no longer OpenRLHF's own code path.",)
+NOT_PPO = ("PPO actor/critic (issue item 7) is not driven yet: OpenRLHF's PPO steps live in openrlhf.trainer.ray "
+           "(ActorPPOTrainer.training_step(experience) / CriticPPOTrainer), built inside Ray actors "
+           "(PolicyModelActor/CriticModelActor) with experiences from vLLM or HF generation. ActorPPOTrainer is a "
+           "plain class, so an injected-Experience drive without starting Ray looks possible, but its module "
+           "imports ray, "
+           "and it needs the Ray launcher's args tree and a hand-built Experience: not done in this iteration "
+           "(loss.kind = policy/value is reported unsupported).",)
 
 
 class OpenRLHFAdapter(Adapter):
@@ -236,7 +239,7 @@ class OpenRLHFAdapter(Adapter):
             "dtype": dtype, "attn": spec.model.attn_implementation,
             "lr": repr(o.lr), "betas": (repr(o.betas[0]), repr(o.betas[1])), "weight_decay": 0.0,
             "scheduler": "constant", "warmup": 0.0, "max_norm": repr(float(o.clip_grad_norm)),
-            "output_dir": str(run_dir / "out"), "ckpt_path": str(run_dir / "ckpt"),
+            "output_dir": str(run_dir / "out"), "ckpt_path": str(run_dir / "ckpt"), "eval_split": "train",
         }
         eps_note = None
         if o.eps != 1e-8 or k.readout == "adam-delta":
@@ -293,12 +296,12 @@ class OpenRLHFAdapter(Adapter):
                 grads_per_step.append({n: _invert_adam(before[n].float(), after[n], o.lr, o.eps) for n in names})
                 before = after
         losses, norms, loss_source = rec.step_scalars(ctx)
-        targets = rec.supervised_targets(rows)
+        targets = rec.supervised_targets(rows, ctx.rank)
         if torch.distributed.is_initialized() and ctx.world_size > 1:
             gathered: list[Any] = [None] * ctx.world_size
             torch.distributed.all_gather_object(gathered, targets)
-            targets = {key: v for part in gathered for key, v in part.items()}
-            targets = dict(sorted(targets.items(), key=lambda kv: int(kv[0])))
+            merged = {key: v for part in gathered if part for key, v in part.items()}
+            targets = dict(sorted(merged.items(), key=lambda kv: int(kv[0]))) or None
         steps = []
         for s in range(b.steps):
             grads = {n: grads_per_step[s][n] for n in names}
@@ -350,6 +353,7 @@ class _Recorder:
         self.backward_losses: list[float] = []
         self.forward_rows: list[list[list[int]]] = []
         self.items: dict[int, tuple[list[int], list[float]]] = {}
+        self.label_rows: list[list[list[int]]] = []
 
     def hooks(self) -> list[Any]:
         import importlib
@@ -406,10 +410,29 @@ class _Recorder:
         def getitem(original: Any) -> Any:
             def wrapper(dataset: Any, idx: int) -> Any:
                 item = original(dataset, idx)
-                ids, _attn, loss_mask = item[0], item[1], item[2]
-                rec.items[int(idx)] = ([int(x) for x in ids[0].tolist()], [float(x) for x in loss_mask[0].tolist()])
+                # (input_ids, attention_mask, loss_mask) from 0.7.0 on; older releases return (prompt_len, ids, mask,
+                # info) and build the labels in the trainer (read from GPTLMLoss below)
+                if isinstance(item, tuple) and len(item) == 3 and getattr(item[2], "shape", None) == item[0].shape:
+                    ids, loss_mask = item[0], item[2]
+                    rec.items[int(idx)] = ([int(x) for x in ids[0].tolist()],
+                                           [float(x) for x in loss_mask[0].tolist()])
                 return item
             return wrapper
+
+        loss_cls = getattr(importlib.import_module("openrlhf.models"), "GPTLMLoss", None)
+        if loss_cls is not None:
+            def gpt_loss(original: Any) -> Any:
+                def wrapper(module: Any, logits: Any, labels: Any, *a: Any, **kw: Any) -> Any:
+                    import torch
+
+                    if torch.is_grad_enabled():  # training micro-steps, not the evaluation
+                        ignore = getattr(module, "IGNORE_INDEX", -100)
+                        rec.label_rows.append([[t for t in range(1, row.shape[0]) if int(row[t]) != ignore]
+                                               for row in labels])
+                    return original(module, logits, labels, *a, **kw)
+                return wrapper
+
+            out.append(S.wrapped(loss_cls, "forward", gpt_loss))
 
         out.append(S.wrapped(ds_mod.SFTDataset, "__getitem__", getitem))
 
@@ -456,13 +479,20 @@ class _Recorder:
                 raise RuntimeError(f"rank {rank}: micro-batch {k} OpenRLHF received is not the spec's (data order or "
                                    f"tokenisation differs): got {g[:1]}..., expected {e[:1]}...")
 
-    def supervised_targets(self, rows: list[int]) -> dict[str, list[int]]:
+    def supervised_targets(self, rows: list[int], rank: int) -> dict[str, list[int]] | None:
         """{sample index: positions t (in prompt+response) whose token is a supervised target}. OpenRLHF's loss
-        uses loss_mask[:, :-1] against the log-prob of token t+1, so mask position i supervises token i + 1."""
-        out = {}
+        uses loss_mask[:, :-1] against the log-prob of token t+1, so mask position i supervises token i + 1.
+        Releases <= 0.6.x: the labels GPTLMLoss received (call k = this rank's k-th micro-batch, checked order)."""
+        out: dict[str, list[int]] = {}
         for idx, (_ids, mask) in sorted(self.items.items()):
             out[str(rows[idx])] = [i + 1 for i, v in enumerate(mask[:-1]) if v > 0]
-        return out
+        if not out and self.label_rows:
+            b = self.spec.batch
+            for k, batch_rows in enumerate(self.label_rows[: b.steps * b.grad_accum]):
+                idx = D.micro_batch_indices(self.spec, k // b.grad_accum, rank, k % b.grad_accum)
+                for i, targets in zip(idx, batch_rows, strict=True):
+                    out[str(i)] = targets
+        return out or None
 
     def step_scalars(self, ctx: WorkerContext) -> tuple[list[float], list[float | None], str]:
         import torch

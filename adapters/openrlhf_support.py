@@ -313,7 +313,11 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "save_hf": ("--ckpt.save_hf", "--save_hf_ckpt"),
     "disable_ds_ckpt": ("--ckpt.disable_ds", "--disable_ds_ckpt"),
     "num_workers": ("--data.dataloader_num_workers", "--dataloader_num_workers"),
+    # releases <= 0.6.x always build an eval set from the same file (split 'test' by default, absent in a jsonl):
+    # point it at the train split; it is evaluated after the optimizer step, under no_grad, and never trained on
+    "eval_split": ("--eval_split",),
 }
+OPTIONAL = {"eval_split"}  # passed only where the release's parser defines the option
 
 
 class CliError(RuntimeError):
@@ -355,6 +359,8 @@ def build_argv(parser: Any, want: dict[str, Any]) -> tuple[list[str], str]:
                 raise CliError(f"this OpenRLHF CLI has no attention option; it runs eager, not {value}")
             continue
         flag = find_flag(options, concept)
+        if flag is None and concept in OPTIONAL:
+            continue
         if flag is None:
             raise CliError(f"this OpenRLHF CLI has no option for {concept} ({' / '.join(FLAGS[concept])})")
         if value is True:

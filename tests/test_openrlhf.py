@@ -154,14 +154,16 @@ def test_bf16_and_real_deepspeed_adam(case: S.Spec, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_flat_cli_and_first_response_token_dropped(case: S.Spec, tmp_path: Path) -> None:
-    """Flat CLI spelling (<= 0.10.1). OR-2: 0.7.0's loss mask starts one token late (first response token never
-    trained); 0.10.1's mask is the spec's and shows only the mean of means."""
-    runs = by_label(run_case(case, ["openrlhf==0.7.0", "openrlhf==0.10.1"], workdir=tmp_path))
-    old, flat = runs["openrlhf==0.7.0"], runs["openrlhf==0.10.1"]
+    """Flat CLI spelling (<= 0.10.1). OR-2: 0.6.2's labels and 0.7.0's loss mask start one token late (first
+    response token never trained); 0.10.1's mask is the spec's and shows only the mean of means."""
+    runs = by_label(run_case(case, ["openrlhf==0.6.2", "openrlhf==0.7.0", "openrlhf==0.10.1"], workdir=tmp_path))
+    flat = runs["openrlhf==0.10.1"]
     want = spec_targets(case)
-    assert old.verdict == "diverge" and "first response token not supervised" in old.reason
-    assert old.meta["extra"]["supervised_targets"] == {k: v[1:] for k, v in want.items()}
-    assert old.meta["extra"]["cli_dialect"] == flat.meta["extra"]["cli_dialect"] == "flat"
+    for old in (runs["openrlhf==0.6.2"], runs["openrlhf==0.7.0"]):  # 0.6.2: labels built in the trainer
+        assert old.verdict == "diverge" and "first response token not supervised" in old.reason
+        assert old.meta["extra"]["supervised_targets"] == {k: v[1:] for k, v in want.items()}
+        assert old.meta["extra"]["cli_dialect"] == "flat"
+    assert flat.meta["extra"]["cli_dialect"] == "flat"
     assert flat.verdict == "diverge" and flat.meta["extra"]["supervised_targets"] == want
     assert list(flat.fit.weights) == pytest.approx(mean_of_means(case), rel=1e-4)
 
