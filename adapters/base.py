@@ -102,8 +102,9 @@ class Adapter:
         return []
 
     @classmethod
-    def unsupported(cls, spec: Spec) -> str | None:
-        """Why this adapter cannot honour `spec`, or None. Checked on the host, without the framework."""
+    def unsupported(cls, spec: Spec, version: str | None = None) -> str | None:
+        """Why this adapter cannot honour `spec` at release `version` (None = newest), or None. Checked on the host,
+        without the framework, before any environment is built."""
         caps = cls.capabilities
         if spec.model.dtype not in caps.dtypes:
             return f"model.dtype = {spec.model.dtype!r} is not supported (supported: {', '.join(caps.dtypes)})"

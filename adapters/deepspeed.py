@@ -96,8 +96,8 @@ class DeepSpeedAdapter(Adapter):
         return {"DS_BUILD_OPS": "0"}
 
     @classmethod
-    def unsupported(cls, spec: Spec) -> str | None:
-        reason = super().unsupported(spec)
+    def unsupported(cls, spec: Spec, version: str | None = None) -> str | None:
+        reason = super().unsupported(spec, version)
         if reason:
             return reason
         k: DeepSpeedKnobs = spec.knobs_for(cls.name)

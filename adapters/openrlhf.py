@@ -165,8 +165,8 @@ class OpenRLHFAdapter(Adapter):
     # What the CLI can express
 
     @classmethod
-    def unsupported(cls, spec: Spec) -> str | None:
-        reason = super().unsupported(spec)
+    def unsupported(cls, spec: Spec, version: str | None = None) -> str | None:
+        reason = super().unsupported(spec, version)
         if reason:
             return reason
         k: OpenRLHFKnobs = spec.knobs_for(cls.name)

@@ -146,8 +146,8 @@ class TRLAdapter(Adapter):
                 "seq-mean-token-sum-norm": "dr_grpo"}.get(spec.loss.aggregation)
 
     @classmethod
-    def unsupported(cls, spec: Spec) -> str | None:
-        reason = super().unsupported(spec)
+    def unsupported(cls, spec: Spec, version: str | None = None) -> str | None:
+        reason = super().unsupported(spec, version)
         if reason:
             return reason
         k: TRLKnobs = spec.knobs_for(cls.name)

@@ -170,8 +170,8 @@ class VerlAdapter(Adapter):
         return [["--no-deps", f"verl=={version}" if version else "verl"]]
 
     @classmethod
-    def unsupported(cls, spec: Spec) -> str | None:
-        reason = super().unsupported(spec)
+    def unsupported(cls, spec: Spec, version: str | None = None) -> str | None:
+        reason = super().unsupported(spec, version)
         if reason:
             return reason
         k: VerlKnobs = spec.knobs_for(cls.name)

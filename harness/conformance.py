@@ -48,6 +48,8 @@ def base_spec(pin: FrameworkPin) -> Spec:
     knobs = getattr(cls, "conformance_knobs", None)
     if knobs:
         raw[pin.name] = dict(knobs)
+    # an adapter whose framework builds only some optimizers (OpenRLHF: AdamW) gives the kit its own
+    raw["optimizer"].update(getattr(cls, "conformance_optimizer", {}))
     return from_dict(raw)
 
 
@@ -55,8 +57,8 @@ def run_conformance(pin: FrameworkPin, spec: Spec | None = None, workdir: Path |
     spec = spec or base_spec(pin)
     wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-conformance-"))
     cls = get_adapter(pin.name)
-    checks: list[Check] = [_check_unsupported(cls, spec)]
-    reason = cls.unsupported(spec)
+    checks: list[Check] = [_check_unsupported(cls, spec, pin.version)]
+    reason = cls.unsupported(spec, pin.version)
     if reason:
         return [*checks, Check("run", False, f"the conformance spec itself is unsupported: {reason}")]
     env = _environment(pin)
@@ -123,7 +125,7 @@ def _load_init(spec: Spec, init_dir: Path) -> dict[str, Any]:
     return load_file(str(write_init_weights(spec, init_dir)))
 
 
-def _check_unsupported(cls: Any, spec: Spec) -> Check:
+def _check_unsupported(cls: Any, spec: Spec, version: str | None) -> Check:
     caps = cls.capabilities
     probes = []
     if "float64" not in caps.dtypes:
@@ -134,6 +136,6 @@ def _check_unsupported(cls: Any, spec: Spec) -> Check:
             break
     if not probes:
         return Check("unsupported", None, "the adapter declares every probed capability")
-    missed = [what for what, s in probes if not cls.unsupported(s)]
+    missed = [what for what, s in probes if not cls.unsupported(s, version)]
     return Check("unsupported", not missed, "reported as unsupported: " + ", ".join(w for w, _ in probes)
                  if not missed else f"NOT reported as unsupported: {', '.join(missed)}")

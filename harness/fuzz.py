@@ -46,7 +46,7 @@ class Session:
     def run(self, spec: Spec) -> RunResult:
         from safetensors.torch import load_file
 
-        reason = get_adapter(self.pin.name).unsupported(spec)
+        reason = get_adapter(self.pin.name).unsupported(spec, self.pin.version)
         if reason:
             return RunResult(self.pin.name, self.pin.version, "unsupported", reason, extra_pins=self.pin.extra)
         self.count += 1

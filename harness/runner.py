@@ -112,7 +112,7 @@ def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound:
                   init_tensors: dict[str, Any], log: Callable[[str], None]) -> RunResult:
     name, version = pin.name, pin.version
     cls = get_adapter(name)
-    reason = cls.unsupported(spec)
+    reason = cls.unsupported(spec, version)
     if reason:
         return RunResult(name, version, "unsupported", reason, extra_pins=pin.extra)
     env = _environment(pin)  # UsageError (one line) if it cannot be installed
@@ -161,7 +161,7 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
         raise UsageError("no frameworks to run: give --framework NAME==VERSION or list them in case.frameworks")
     pins = [parse_pin(f) if isinstance(f, str) else f for f in frameworks]
     for pin in pins:  # resolve every environment up front: a bad pin is a usage error, early
-        if get_adapter(pin.name).unsupported(spec) is None:
+        if get_adapter(pin.name).unsupported(spec, pin.version) is None:
             _environment(pin)
     own_dir = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-run-"))

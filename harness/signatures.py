@@ -96,6 +96,16 @@ def candidate_patterns(counts: Sequence[Sequence[int]]) -> dict[str, tuple[list[
     return pats
 
 
+def _priority(ws: int, ga: int) -> list[str]:
+    """Which name wins when several patterns coincide: at one micro-batch per rank a per-micro-batch mean IS a
+    per-rank mean (say so); at one rank a per-micro-step mean IS a per-micro-batch mean."""
+    names = ["microbatch-token-mean", "microstep-token-mean", "rank-token-mean", "microbatch-token-mean-summed"]
+    if ga == 1:
+        names.remove("rank-token-mean")
+        names.insert(0, "rank-token-mean")
+    return names
+
+
 def describe(fit: Fit, counts: Sequence[Sequence[int]]) -> Signature:
     """Name the fitted weight pattern. Uses only the numbers (weights, residual, token counts)."""
     w = list(fit.weights)
@@ -104,21 +114,31 @@ def describe(fit: Fit, counts: Sequence[Sequence[int]]) -> Signature:
                                         f"{fit.residual:.2g}): the error is inside micro-batches, not between them",
                          math.inf)
 
-    def dev(p: Sequence[float]) -> float:
-        return max(abs(a - b) / max(abs(b), 1.0) for a, b in zip(w, p, strict=True))
+    def dev(p: Sequence[float], only: Sequence[int] | None = None) -> float:
+        idx = range(len(w)) if only is None else only
+        return max((abs(w[i] - p[i]) / max(abs(p[i]), 1.0) for i in idx), default=0.0)
 
     pats = candidate_patterns(counts)
+    order = _priority(len(counts), len(counts[0]))
     if dev(pats["correct"][0]) <= WEIGHT_TOL:
         return Signature("correct", "weights match the correct aggregation", dev(pats["correct"][0]))
-    # dropped micro-batches: every weight ~0 or ~1
-    near = [0.0 if abs(x) < WEIGHT_TOL else 1.0 if abs(x - 1) < WEIGHT_TOL else None for x in w]
-    if all(v is not None for v in near) and any(v == 0.0 for v in near):
-        dropped = [fit.labels[i] for i, v in enumerate(near) if v == 0.0]
-        return Signature("dropped-microbatches", f"{', '.join(dropped)} got weight 0 (dropped); the others are correct",
-                         dev([v or 0.0 for v in near]))
-    best = min((name for name in pats if name != "correct"), key=lambda nm: dev(pats[nm][0]))
-    if dev(pats[best][0]) <= WEIGHT_TOL and pats[best][0] != pats["correct"][0]:
-        return Signature(best, pats[best][1], dev(pats[best][0]))
+    zero = [i for i, x in enumerate(w) if abs(x) < WEIGHT_TOL]
+    live = [i for i in range(len(w)) if i not in zero]
+    if zero and live:
+        dropped = ", ".join(fit.labels[i] for i in zero)
+        if dev(pats["correct"][0], live) <= WEIGHT_TOL:
+            return Signature("dropped-microbatches", f"{dropped} got weight 0 (dropped); the others are correct",
+                             dev(pats["correct"][0], live))
+        # two bugs at once: some micro-batches dropped, the survivors weighted by a known wrong aggregation
+        for name in order:
+            if dev(pats[name][0], live) <= WEIGHT_TOL:
+                return Signature(f"dropped-microbatches+{name}", f"{dropped} got weight 0 (dropped), and the others "
+                                 f"follow {name}: {pats[name][1]}", dev(pats[name][0], live))
+    matches = [name for name in order if dev(pats[name][0]) <= WEIGHT_TOL]
+    if matches:
+        best = matches[0]
+        also = f" (here the same weights as {', '.join(matches[1:])})" if len(matches) > 1 else ""
+        return Signature(best, pats[best][1] + also, dev(pats[best][0]))
     mean = sum(w) / len(w)
     if all(abs(x - mean) <= WEIGHT_TOL * max(abs(mean), 1.0) for x in w):
         return Signature("uniform-scale", f"every micro-batch weighted {mean:.4g}x: the whole gradient is scaled by "

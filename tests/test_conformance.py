@@ -16,6 +16,8 @@ ADAPTER_PINS = [
     "deepspeed==0.19.8",
     "verl==0.9.1",
 ]
+# Slower kits (each ~1-2 min): run with -m slow.
+SLOW_ADAPTER_PINS = ["openrlhf==0.11.2", "trl==1.16.0"]
 
 
 @pytest.mark.framework
@@ -26,6 +28,13 @@ def test_adapter_conforms(pin_text: str, tmp_path: Path) -> None:
     assert set(checks) == {"unsupported", "init", "order", "pre-clip", "repeat", "zero-lr"}
     failed = {n: c.detail for n, c in checks.items() if c.passed is False}
     assert not failed, failed
+
+
+@pytest.mark.framework
+@pytest.mark.slow
+@pytest.mark.parametrize("pin_text", SLOW_ADAPTER_PINS)
+def test_adapter_conforms_slow(pin_text: str, tmp_path: Path) -> None:
+    test_adapter_conforms(pin_text, tmp_path)
 
 
 def test_conformance_catches_a_nonconforming_adapter(tmp_path: Path) -> None:

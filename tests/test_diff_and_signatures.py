@@ -150,3 +150,16 @@ def test_token_fit_names_mask_shapes() -> None:
     noisy = grad(correct)
     noisy["w"] = noisy["w"] + 0.2 * rand(40, 30, seed=12345)
     assert token_fit(noisy, cs, supervised, prompt).name == "unexplained"
+
+
+def test_two_bugs_at_once_and_ties() -> None:
+    counts = [[2, 30, 3, 12]]
+    cs = contribs(4)
+    mom = candidate_patterns(counts)["microbatch-token-mean"][0]
+    both = [mom[0], 0.0, 0.0, mom[3]]  # DeepSpeed drops the middle, OpenRLHF's mean of means weights the rest
+    sig = describe(fit_weights(combine(cs, both), cs, [f"mb {i}" for i in range(4)]), counts)
+    assert sig.name == "dropped-microbatches+microbatch-token-mean" and sig.text.startswith("mb 1, mb 2 got weight 0")
+    ranks = [[2], [30]]  # one micro-batch per rank: a per-micro-batch mean is a per-rank mean; the rank name wins
+    two = contribs(2)
+    sig = describe(fit_weights(combine(two, candidate_patterns(ranks)["rank-token-mean"][0]), two), ranks)
+    assert sig.name == "rank-token-mean" and "microbatch-token-mean" in sig.text

@@ -89,8 +89,8 @@ def test_rank_half_caught_and_fix_clean(case: S.Spec, tmp_path: Path) -> None:
     assert 1.5 < bug.max_rel_grad_error < 2.5
     assert bug.fit.labels == ("rank 0 mb 0", "rank 1 mb 0")
     assert list(bug.fit.weights) == pytest.approx(mean_of_means(spec), rel=1e-4)
-    # at GA=1 the per-micro-batch and per-rank token means are the same weights; either name is right
-    assert bug.signature.name in ("microbatch-token-mean", "rank-token-mean")
+    # at GA=1 a per-micro-batch token mean is a per-rank token mean: the signature says the rank
+    assert bug.signature.name == "rank-token-mean"
     assert_clean(fixed, spec)
     assert fixed.meta["world_size"] == 2
     assert fixed.meta["extra"]["supervised_targets"] == spec_targets(spec)  # gathered from both ranks
@@ -109,6 +109,7 @@ def test_offload_ga4_shows_both_bugs_separated(case: S.Spec, tmp_path: Path) -> 
     mom = mean_of_means(spec)  # [5.875, 0.39, 3.92, 0.979] for token counts [2, 30, 3, 12]
     assert bug.fit.residual < 1e-5
     assert list(bug.fit.weights) == pytest.approx([mom[0], 0.0, 0.0, mom[3]], abs=1e-4)
+    assert bug.signature.name == "dropped-microbatches+microbatch-token-mean"  # both bugs, named apart
     assert bug.meta["versions"]["deepspeed"] == "0.18.9"
     assert bug.meta["extra"]["ds_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert_clean(fixed, spec)
