@@ -145,7 +145,7 @@ def install_flash_attn_stub() -> None:
         # AttributeError (not RuntimeError): hasattr()/inspect probe modules for __file__ and the like
         raise AttributeError(f"flash_attn_2_cuda.{name}: flash-attn CUDA kernels are not built in this environment")
 
-    stub.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    stub.__getattr__ = __getattr__  # type: ignore[attr-defined,method-assign]
     sys.modules["flash_attn_2_cuda"] = stub
 
 
@@ -158,12 +158,12 @@ def apply_cpu_patches(device: str) -> list[str]:
     applied.append(PATCHES[0].target)
     if device == "cpu":
         torch.cuda.set_device = lambda *a, **k: None
-        torch.cuda.current_device = lambda: "cpu"
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
         torch.cuda.synchronize = lambda *a, **k: None
         applied += [PATCHES[1].target, PATCHES[2].target, PATCHES[3].target]
         comm_torch = importlib.import_module("deepspeed.comm.torch")  # not `import deepspeed.comm.torch as m`
         if hasattr(comm_torch, "build_shm_op"):
-            comm_torch.build_shm_op = lambda: None
+            comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
             applied.append(PATCHES[4].target)
     stage12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
     zopt = stage12.DeepSpeedZeroOptimizer
@@ -199,7 +199,7 @@ def patch_fp32_dtype() -> bool:
     convert._stepdiff = True  # type: ignore[attr-defined]
     for name, mod in list(sys.modules.items()):
         if name.startswith("openrlhf") and getattr(mod, "convert_to_torch_dtype", None) is original:
-            mod.convert_to_torch_dtype = convert
+            mod.convert_to_torch_dtype = convert  # type: ignore[attr-defined]
     return True
 
 
