@@ -27,7 +27,6 @@ Config pins: `gradient_clipping` always explicit (its default changed 0.0 -> 1.0
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass
@@ -38,10 +37,10 @@ from stepdiff.harness import data as D
 from stepdiff.harness.record import Record, RecordMeta, StepRecord
 from stepdiff.harness.spec import Spec, doc
 
+from . import deepspeed_cpu
 from .base import (
     Adapter,
     Capabilities,
-    Patch,
     WorkerContext,
     build_model,
     framework_versions,
@@ -49,6 +48,7 @@ from .base import (
     set_dist_env,
     token_loss_sum,
 )
+from .deepspeed_cpu import DETACH_PATCH, SHM_PATCH
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,7 @@ class DeepSpeedKnobs:
     allgather_bucket_size: int = doc(500000, "ZeRO all-gather bucket size (elements).", minimum=1)
 
 
-PATCHES = (
-    Patch("deepspeed.comm.torch.build_shm_op", "replaced by a no-op",
-          "skips an 18-77 s g++ JIT of the shared-memory comm op; gloo collectives are used instead"),
-    Patch("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned",
-          "result .detach()ed",
-          "0.18.7-0.18.9 crash at world size >= 2 with gloo on torch 2.13 (in-place write into a view); "
-          "0.19.0 adds the same detach upstream; not on the gradient path"),
-)
+PATCHES = (SHM_PATCH, DETACH_PATCH)
 
 
 class DeepSpeedAdapter(Adapter):
@@ -113,23 +106,7 @@ class DeepSpeedAdapter(Adapter):
         set_dist_env(ctx)
         import deepspeed
 
-        applied = []
-        if ctx.device == "cpu":
-            comm_torch = importlib.import_module("deepspeed.comm.torch")  # not `import deepspeed.comm.torch as m`:
-            if hasattr(comm_torch, "build_shm_op"):  # that name resolves to the real torch package (pitfall)
-                comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
-                applied.append(PATCHES[0].target)
-        stage12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
-        zopt = stage12.DeepSpeedZeroOptimizer
-        if hasattr(zopt, "flatten_dense_tensors_aligned") and not getattr(zopt, "_stepdiff_detach", False):
-            original = zopt.flatten_dense_tensors_aligned
-
-            def flatten_detached(self: Any, *a: Any, **kw: Any) -> Any:
-                return original(self, *a, **kw).detach()
-
-            zopt.flatten_dense_tensors_aligned = flatten_detached
-            zopt._stepdiff_detach = True
-            applied.append(PATCHES[1].target)
+        applied = deepspeed_cpu.apply(ctx.device)
         deepspeed.init_distributed(dist_backend=ctx.backend)
         if ctx.device == "cuda":
             import torch

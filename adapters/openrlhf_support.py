@@ -25,7 +25,9 @@ from typing import Any
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
+from . import deepspeed_cpu
 from .base import Patch
+from .deepspeed_cpu import DETACH_PATCH, SHM_PATCH
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environments
@@ -106,12 +108,8 @@ PATCHES = (
           "strategy.all_reduce moves the progress-bar logs to torch.cuda.current_device() every micro-step"),
     Patch("torch.cuda.synchronize", "no-op on CPU",
           "torch_dist_barrier_and_cuda_sync (save_model / save_ckpt) synchronises CUDA after its barrier"),
-    Patch("deepspeed.comm.torch.build_shm_op", "replaced by a no-op",
-          "skips an 18-77 s g++ JIT of DeepSpeed's shared-memory comm op; plain gloo collectives are used"),
-    Patch("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned",
-          "result .detach()ed",
-          "DeepSpeed 0.18.7-0.18.9 crash at world size >= 2 with gloo on torch 2.13 (in-place write into a view in the "
-          "optimizer step's all-gather); 0.19.0 adds the same detach upstream; not on the gradient path"),
+    SHM_PATCH,
+    DETACH_PATCH,
     Patch("argparse.ArgumentParser.parse_args (during the train_sft CLI only)",
           "the CLI's arguments are built from the parser's own option table (dotted or flat spelling); for fp32, "
           "'fp32' is added to the choices of --ds.param_dtype/--param_dtype",
@@ -161,22 +159,7 @@ def apply_cpu_patches(device: str) -> list[str]:
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
         torch.cuda.synchronize = lambda *a, **k: None
         applied += [PATCHES[1].target, PATCHES[2].target, PATCHES[3].target]
-        comm_torch = importlib.import_module("deepspeed.comm.torch")  # not `import deepspeed.comm.torch as m`
-        if hasattr(comm_torch, "build_shm_op"):
-            comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
-            applied.append(PATCHES[4].target)
-    stage12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
-    zopt = stage12.DeepSpeedZeroOptimizer
-    if hasattr(zopt, "flatten_dense_tensors_aligned") and not getattr(zopt, "_stepdiff_detach", False):
-        original = zopt.flatten_dense_tensors_aligned
-
-        def flatten_detached(self: Any, *a: Any, **kw: Any) -> Any:
-            return original(self, *a, **kw).detach()
-
-        zopt.flatten_dense_tensors_aligned = flatten_detached
-        zopt._stepdiff_detach = True
-        applied.append(PATCHES[5].target)
-    return applied
+    return applied + deepspeed_cpu.apply(device)
 
 
 def patch_fp32_dtype() -> bool:

@@ -30,12 +30,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from stepdiff.harness.record import Record, RecordMeta, StepRecord
 from stepdiff.harness.spec import Spec, doc
 
+from . import deepspeed_cpu
 from .base import Adapter, Capabilities, Patch, WorkerContext, framework_versions, set_dist_env
+from .deepspeed_cpu import DETACH_PATCH, SHM_PATCH
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,7 @@ class TRLKnobs:
     gradient_checkpointing: bool = doc(False, "TrainingArguments.gradient_checkpointing (TRL defaults it on).")
 
 
-DS_PATCHES = (
-    Patch("deepspeed.comm.torch.build_shm_op", "replaced by a no-op (CPU, when deepspeed is in the environment)",
-          "skips an 18-77 s g++ JIT of the shared-memory comm op; gloo collectives are used instead"),
-    Patch("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned",
-          "result .detach()ed",
-          "0.18.7-0.18.9 crash at world size >= 2 with gloo on torch 2.13 (in-place write into a view); "
-          "0.19.0 adds the same detach upstream; not on the gradient path"),
-)
+DS_PATCHES = (SHM_PATCH, DETACH_PATCH)
 SAMPLER_PATCH = Patch(
     "Trainer._get_train_sampler (instance)", "returns SequentialSampler(train_dataset) on releases without "
     "TrainingArguments.train_sampling_strategy (transformers < 5)",
@@ -241,23 +236,7 @@ class TRLAdapter(Adapter):
 
     @staticmethod
     def _patch_deepspeed(ctx: WorkerContext) -> list[str]:
-        applied = []
-        if ctx.device == "cpu":
-            comm_torch = importlib.import_module("deepspeed.comm.torch")
-            if hasattr(comm_torch, "build_shm_op"):
-                comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
-                applied.append(DS_PATCHES[0].target)
-        stage12 = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
-        zopt = stage12.DeepSpeedZeroOptimizer
-        if hasattr(zopt, "flatten_dense_tensors_aligned") and not getattr(zopt, "_stepdiff_detach", False):
-            original = zopt.flatten_dense_tensors_aligned
-
-            def flatten_detached(self: Any, *a: Any, **kw: Any) -> Any:
-                return original(self, *a, **kw).detach()
-
-            zopt.flatten_dense_tensors_aligned = flatten_detached
-            zopt._stepdiff_detach = True
-            applied.append(DS_PATCHES[1].target)
+        applied = deepspeed_cpu.apply(ctx.device)
         from .trl_common import hook_deepspeed_engine
 
         hook_deepspeed_engine()
