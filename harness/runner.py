@@ -38,6 +38,8 @@ class CaseResult:
     pairwise: dict[str, dict[str, float]] = field(default_factory=dict)
     """Max gradient rel error between every two framework runs (symmetric)."""
     odd_one_out: str | None = None
+    same_numbers: list[list[str]] = field(default_factory=list)
+    """Framework runs grouped by agreeing with each other within the bound."""
     elapsed_s: float = 0.0
 
     @property
@@ -235,10 +237,25 @@ def _pairwise(result: CaseResult, wd: Path) -> None:
             if a != b:
                 result.pairwise[a][b] = max(dict_diff(x.grads, y.grads).total.rel
                                             for x, y in zip(records[a].steps, records[b].steps, strict=True))
+    name_groups(result)
+
+
+def name_groups(result: CaseResult) -> None:
+    """From the pairwise errors: which runs produce the same numbers, and the odd one out (three or more runs)."""
+    labels = list(result.pairwise)
+    bound = result.bound.value
+    verdict = {r.label: r.verdict for r in result.runs}
+    for a in labels:  # runs that produce the same numbers (e.g. two releases with the same bug)
+        group = next((g for g in result.same_numbers if result.pairwise[g[0]][a] <= bound), None)
+        if group is None:
+            result.same_numbers.append([a])
+        else:
+            group.append(a)
     if len(labels) >= 3:
-        bound = result.bound.value
         for a in labels:
             others = [b for b in labels if b != a]
             rest_agree = all(result.pairwise[b][c] <= bound for b in others for c in others if b != c)
-            if rest_agree and all(result.pairwise[a][b] > bound for b in others):
+            # the odd one out must be the one that is wrong: it diverges from the reference, the others do not
+            if (rest_agree and all(result.pairwise[a][b] > bound for b in others) and verdict[a] == "diverge"
+                    and all(verdict[b] == "agree" for b in others)):
                 result.odd_one_out = a

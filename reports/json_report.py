@@ -77,6 +77,7 @@ def case_dict(result: CaseResult) -> dict[str, Any]:
         "runs": [run_dict(r) for r in result.runs],
         "pairwise_max_rel_grad_error": result.pairwise,
         "odd_one_out": result.odd_one_out,
+        "same_numbers": result.same_numbers,
         "elapsed_s": result.elapsed_s,
         "spec": to_dict(result.spec),
     }

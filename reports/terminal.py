@@ -41,6 +41,12 @@ def render(result: CaseResult) -> str:
     for r in result.runs:
         out.append("")
         out.extend(detail(r))
+    shared = [g for g in result.same_numbers if len(g) > 1]
+    for g in shared:
+        verdicts = {r.verdict for r in result.runs if r.label in g}
+        what = "the same wrong numbers" if verdicts == {"diverge"} else "the same numbers"
+        out.append("")
+        out.append(f"{' and '.join(g)} produce {what} (pairwise within the bound)")
     if result.odd_one_out:
         out.append("")
         out.append(f"odd one out: {result.odd_one_out} disagrees with every other framework, which agree among "

@@ -163,3 +163,25 @@ def test_two_bugs_at_once_and_ties() -> None:
     two = contribs(2)
     sig = describe(fit_weights(combine(two, candidate_patterns(ranks)["rank-token-mean"][0]), two), ranks)
     assert sig.name == "rank-token-mean" and "microbatch-token-mean" in sig.text
+
+
+def test_odd_one_out_is_the_wrong_one_and_same_bug_is_grouped() -> None:
+    from stepdiff.harness import spec as S
+    from stepdiff.harness.compare import RunResult
+    from stepdiff.harness.runner import CaseResult, name_groups
+    from stepdiff.harness.tolerance import Bound
+
+    def case(verdicts: dict[str, str], close: set[frozenset[str]]) -> CaseResult:
+        runs = [RunResult(k.split("==")[0], k.split("==")[1], v, "") for k, v in verdicts.items()]
+        res = CaseResult("c", S.Spec(), runs, Bound(1e-4, "test"))
+        res.pairwise = {a: {b: (1e-7 if frozenset((a, b)) in close else 1.0) for b in verdicts if b != a}
+                        for a in verdicts}
+        name_groups(res)
+        return res
+
+    # two releases with the same bug agree with each other; the correct release must not be called odd
+    res = case({"x==1": "diverge", "x==2": "diverge", "x==3": "agree"}, {frozenset(("x==1", "x==2"))})
+    assert res.odd_one_out is None
+    assert res.same_numbers == [["x==1", "x==2"], ["x==3"]]
+    res = case({"x==1": "diverge", "x==2": "agree", "x==3": "agree"}, {frozenset(("x==2", "x==3"))})
+    assert res.odd_one_out == "x==1"
