@@ -14,7 +14,7 @@ from pathlib import Path
 
 from stepdiff.harness import envs
 from stepdiff.harness.model import write_init_weights
-from stepdiff.harness.runner import _environment, parse_pin
+from stepdiff.harness.runner import _environment, parse_pin, worker_env
 from stepdiff.harness.spec import from_dict, to_dict
 from stepdiff.harness.workers import Worker
 
@@ -32,7 +32,7 @@ def main() -> None:
              for i in range(args.specs)]
     wd = Path(tempfile.mkdtemp(prefix="stepdiff-bench-"))
     init = write_init_weights(specs[0], envs.cache_root() / "init")
-    extra = {"TORCH_EXTENSIONS_DIR": str(env.path / "torch_extensions")}
+    extra = worker_env(env)
 
     t0 = time.perf_counter()
     with Worker(pin.name, env.python, 1, "cpu", env=extra, workdir=wd / "reuse") as w:

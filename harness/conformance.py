@@ -28,7 +28,7 @@ from .diff import dict_diff, subtract
 from .model import write_init_weights
 from .record import Record
 from .registry import get_adapter
-from .runner import FrameworkPin, _environment, run_reference
+from .runner import FrameworkPin, _environment, run_reference, worker_env
 from .spec import Spec, from_dict, to_dict
 from .workers import Worker
 
@@ -74,7 +74,7 @@ def run_conformance(pin: FrameworkPin, spec: Spec | None = None, workdir: Path |
     bound = refs["base"][1].value
     recs: dict[str, Record] = {}
     with Worker(pin.name, env.python, spec.batch.world_size, spec.run.device, workdir=wd / "worker",
-                env={"TORCH_EXTENSIONS_DIR": str(env.path / "torch_extensions")}) as w:
+                env=worker_env(env)) as w:
         for key, v in [*variants.items(), ("repeat", spec)]:
             out = wd / f"rec-{key}"
             w.submit({"spec": to_dict(v), "init": str(write_init_weights(v, init_dir)), "out": str(out)},

@@ -19,7 +19,7 @@ from .errors import UsageError, WorkerError
 from .model import write_init_weights
 from .record import Record
 from .registry import get_adapter
-from .runner import FrameworkPin, _environment
+from .runner import FrameworkPin, _environment, worker_env
 from .spec import Spec, to_dict
 from .tolerance import bound_for
 from .workers import Worker
@@ -58,9 +58,9 @@ class Session:
         try:
             self._worker("reference", host.python, 1, spec.run.device, {}).submit({**req, "out": str(ref_out)},
                                                                                   spec.run.timeout_s)
-            extra = {"TORCH_EXTENSIONS_DIR": str(self.env.path / "torch_extensions")}
-            self._worker(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device, extra).submit(
-                {**req, "out": str(fw_out)}, spec.run.timeout_s)
+            fw = self._worker(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device,
+                              worker_env(self.env))
+            fw.submit({**req, "out": str(fw_out)}, spec.run.timeout_s)
             rec = Record.load(fw_out)
             result = compare(spec, rec, Record.load(ref_out), load_file(str(init)), bound, self.pin.name,
                              self.pin.version)

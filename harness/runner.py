@@ -88,10 +88,10 @@ def parse_pin(pin: str) -> FrameworkPin:
     return FrameworkPin(name, version.strip() or None, tuple(rest))
 
 
-def with_world_size_env(extra: dict[str, str], env: envs.Environment) -> dict[str, str]:
-    out = dict(extra)
-    out.setdefault("TORCH_EXTENSIONS_DIR", str(env.path / "torch_extensions"))
-    return out
+def worker_env(env: envs.Environment) -> dict[str, str]:
+    """Variables a worker in `env` needs: JIT-compiled framework ops are cached per environment (sharing one
+    directory across environments makes each rebuild the other's ops)."""
+    return {"TORCH_EXTENSIONS_DIR": str(env.path / "torch_extensions")}
 
 
 def run_reference(spec: Spec, init: Path, workdir: Path,
@@ -123,7 +123,7 @@ def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound:
     t0 = time.perf_counter()
     try:
         with Worker(name, env.python, spec.batch.world_size, spec.run.device,
-                    env=with_world_size_env({}, env), workdir=wdir) as w:
+                    env=worker_env(env), workdir=wdir) as w:
             w.submit({"spec": to_dict(spec), "init": str(init), "out": str(wdir / "record")}, spec.run.timeout_s)
         rec = Record.load(wdir / "record")
         result = compare(spec, rec, ref, init_tensors, bound, name, version)
