@@ -64,7 +64,8 @@ class ReferenceAdapter(Adapter):
     def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None,
             token_step: int | None = None) -> Record:
         """The spec's steps. With `token_step`, also the per-token contributions of that step (extras
-        `tok/<sample>/<t>/<name>`, for every target position t >= 1, supervised or not), for the token-level fit."""
+        `tok/<sample>/<t>/<name>`, for every target position t >= 1, supervised or not, and t = len(sample): a
+        padding token predicted after the last one), for the token-level fit."""
         import torch
 
         t0 = time.perf_counter()
@@ -157,15 +158,17 @@ class ReferenceAdapter(Adapter):
         for i in idx:
             mb = D.collate(spec, [i], smp)
             ids = mb.input_ids.to(ctx.torch_device)
-            logits = model(input_ids=ids, attention_mask=mb.attention_mask.to(ctx.torch_device)).logits[0, :-1]
-            ce = torch.nn.functional.cross_entropy(logits.to(acc), ids[0, 1:], reduction="none")
+            logits = model(input_ids=ids, attention_mask=mb.attention_mask.to(ctx.torch_device)).logits[0]
+            # targets 1..L-1, then data.pad_id after the last token (a framework that trains on padding)
+            targets = torch.cat([ids[0, 1:], ids.new_full((1,), spec.data.pad_id)])
+            ce = torch.nn.functional.cross_entropy(logits.to(acc), targets, reduction="none")
             n_sup = max(int(mb.loss_mask.sum()), 1)
             agg = spec.loss.aggregation
             scale = (1.0 / max(norms.tokens, 1) if agg == "token-mean" else
                      1.0 / (norms.sequences * n_sup) if agg == "seq-mean-token-mean" else
                      1.0 / (norms.sequences * norms.max_response_len) if agg == "seq-mean-token-sum-norm" else
                      1.0 / norms.sequences)
-            for t in range(1, ids.shape[1]):
+            for t in range(1, ids.shape[1] + 1):
                 grads = torch.autograd.grad(ce[t - 1] * scale, list(params.values()), retain_graph=True,
                                             allow_unused=True)
                 for n, g in zip(params, grads, strict=True):

@@ -187,7 +187,9 @@ def fit_tokens(spec: Spec, grads: dict[str, torch.Tensor], token_ref: Record) ->
     smp = D.samples(spec)
     samples = sorted({s for s, _ in contribs})
     supervised = {s: {t for t, on in enumerate(D.supervised_targets(spec, smp[s]), start=1) if on} for s in samples}
-    return token_fit(grads, contribs, supervised, {s: len(smp[s].prompt) for s in samples})
+    padding = {s: len(smp[s].prompt) + len(smp[s].response) for s in samples}
+    return token_fit(grads, contribs, supervised, {s: len(smp[s].prompt) for s in samples},
+                     padding={s: t for s, t in padding.items() if (s, t) in contribs})
 
 
 def fit_microbatches(spec: Spec, grads: dict[str, torch.Tensor], ref: Record, step: int) -> tuple[Fit, Signature]:

@@ -161,11 +161,14 @@ class TokenFinding:
 
 
 def token_fit(grad: Mapping[str, torch.Tensor], contributions: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
-              supervised: Mapping[int, set[int]], prompt_len: Mapping[int, int]) -> TokenFinding:
+              supervised: Mapping[int, set[int]], prompt_len: Mapping[int, int],
+              padding: Mapping[int, int] | None = None) -> TokenFinding:
     """Fit the gradient on per-token contributions and name mask differences shared by the samples.
 
     contributions[(sample, t)] is the gradient of target position t's loss at the weight a supervised token has in
-    the correct aggregation, so correct weights are 1 on supervised targets and 0 on the others.
+    the correct aggregation, so correct weights are 1 on supervised targets and 0 on the others. padding[sample] is
+    the position of a padding token predicted after the sample's last token, where its contribution is given (a
+    framework that pads and shifts its mask the wrong way trains it).
     """
     keys = list(contributions)
     fit = fit_weights(grad, [contributions[k] for k in keys], [f"{s}:{t}" for s, t in keys])
@@ -210,6 +213,11 @@ def token_fit(grad: Mapping[str, torch.Tensor], contributions: Mapping[tuple[int
     prompt_rel = [relative[s][t] for s in live for t in relative[s] if t < prompt_len[s] - 1]
     if prompt_rel and all(near(x, 1.0, 0.1) for x in prompt_rel):
         findings.append("prompt tokens trained (no completion-only mask)")
+    pads = {s: relative[s][t] for s, t in (padding or {}).items() if s in live and t in relative[s]}
+    padded = sorted(s for s, x in pads.items() if near(x, 1.0, 0.1))
+    if padded and all(near(x, 0.0) or near(x, 1.0, 0.1) for x in pads.values()):
+        # a sample that fills the padded length has no padding after it: only some samples may show this
+        findings.append(f"padding after the last token trained as a target (samples {', '.join(map(str, padded))})")
     if findings:
         return TokenFinding("token-mask", "; ".join(findings), fit.residual, relative)
     uniform_inside = all(near(relative[s][t], 1.0) for s in live for t in supervised[s])

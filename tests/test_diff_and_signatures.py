@@ -152,6 +152,31 @@ def test_token_fit_names_mask_shapes() -> None:
     assert token_fit(noisy, cs, supervised, prompt).name == "unexplained"
 
 
+def test_token_fit_names_padding_trained_after_the_last_token() -> None:
+    """A mask shifted one token late on right-padded rows: the first response token is never trained and the padding
+    token after the last one is, except in a row that fills the padded length (nothing follows it)."""
+    from stepdiff.harness.signatures import token_fit
+
+    prompt = {0: 3, 1: 2}
+    positions = {0: range(1, 7), 1: range(1, 6)}  # sample 0: targets 1..5, padding target 6; sample 1: 1..4, 5
+    supervised = {0: {3, 4, 5}, 1: {2, 3, 4}}
+    padding = {0: 6, 1: 5}
+    keys = [(s, t) for s in (0, 1) for t in positions[s]]
+    cs = {k: {"w": rand(40, 30, seed=11 * i + 3), "b": rand(9, seed=700 + i)} for i, k in enumerate(keys)}
+
+    def grad(weight: dict[tuple[int, int], float]) -> dict[str, torch.Tensor]:
+        return {n: torch.stack([weight.get(k, 0.0) * cs[k][n] for k in keys]).sum(0) for n in ("w", "b")}
+
+    correct = {(s, t): 1.0 for s in supervised for t in supervised[s]}
+    assert token_fit(grad(correct), cs, supervised, prompt, padding).name == "correct"
+    late = {(0, 4): 1.0, (0, 5): 1.0, (1, 3): 1.0, (1, 4): 1.0, (1, 5): 1.0}  # sample 0 fills the padded length
+    found = token_fit(grad(late), cs, supervised, prompt, padding)
+    assert found.name == "token-mask"
+    assert found.text == ("first response token never trained; padding after the last token trained as a target "
+                          "(samples 1)")
+    assert "padding" not in token_fit(grad(late), cs, supervised, prompt).text  # without the padding targets: not named
+
+
 def test_two_bugs_at_once_and_ties() -> None:
     counts = [[2, 30, 3, 12]]
     cs = contribs(4)
