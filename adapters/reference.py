@@ -62,11 +62,16 @@ class ReferenceAdapter(Adapter):
     )
 
     def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None,
-            token_step: int | None = None) -> Record:
+            token_step: int | None = None, contributions: bool = True, contrib_sketch: float | None = None) -> Record:
         """The spec's steps. With `token_step`, also the per-token contributions of that step (extras
         `tok/<sample>/<t>/<name>`, for every target position t >= 1, supervised or not, and t = len(sample): a
-        padding token predicted after the last one), for the token-level fit."""
+        padding token predicted after the last one), for the token-level fit.
+        `contributions=False` keeps no per-micro-batch contributions (the float64 calibration needs none);
+        `contrib_sketch` keeps them as seeded coordinate samples of that fraction (real-size models, see
+        harness/sketch.py)."""
         import torch
+
+        from stepdiff.harness.sketch import sketch_one
 
         t0 = time.perf_counter()
         dtype = dtype or spec.model.dtype
@@ -99,8 +104,9 @@ class ReferenceAdapter(Adapter):
                     loss_total += float(share.detach())
                     for n, p in params.items():
                         g = p.grad if p.grad is not None else torch.zeros_like(p)
-                        if token_step is None:
-                            extras[f"contrib/{s}/{r}/{m}/{n}"] = g.detach().to(acc).cpu().clone()
+                        if token_step is None and contributions:
+                            c = g.detach() if contrib_sketch is None else sketch_one(n, g.detach(), contrib_sketch)
+                            extras[f"contrib/{s}/{r}/{m}/{n}"] = c.to(acc).cpu().clone()
                         total[n] += g.detach().double()
             # clone: clipping below works in place on p.grad, and .to() of a same-dtype tensor is no copy (fp64)
             grads = {n: t.to(acc).cpu().clone() for n, t in total.items()}
@@ -117,7 +123,8 @@ class ReferenceAdapter(Adapter):
             adapter=self.name, framework_version=torch.__version__, code_path=self.capabilities.runs,
             readout=self.capabilities.readouts[0], device=ctx.device, world_size=spec.batch.world_size, dtype=dtype,
             versions=framework_versions(), timings={"run_s": time.perf_counter() - t0},
-            extra={"step_norms": [vars(D.step_norms(spec, s)) for s in range(b.steps)]},
+            extra={"step_norms": [vars(D.step_norms(spec, s)) for s in range(b.steps)],
+                   "contrib_sketch": contrib_sketch},
         )
         return Record(meta=meta, steps=steps, extras=extras)
 

@@ -45,6 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import spec as S
     from .runner import parse_pin, run_case
 
+    if args.wheelhouse:
+        _use_wheelhouse(args.wheelhouse)
     results = []
     for case_arg in args.case:
         spec = S.load(resolve_case(case_arg))
@@ -131,6 +133,10 @@ def cmd_env(args: argparse.Namespace) -> int:
             print(f"{r['name']:40s} {r['size_mb']:8.0f} MB  " + " ".join(f"{k}=={v[k]}" for k in keys)
                   + ("" if r["request"] else "  (incomplete build)"))
         return 0
+    if getattr(args, "wheelhouse", None):
+        _use_wheelhouse(args.wheelhouse)
+    if args.env_cmd == "wheelhouse":
+        return _cmd_wheelhouse(args)
     if args.env_cmd == "build":
         for pin in args.pins:
             fp = parse_pin(pin)
@@ -140,6 +146,40 @@ def cmd_env(args: argparse.Namespace) -> int:
         return 0
     removed = envs.remove_envs(args.pattern)
     print("\n".join(f"removed {r}" for r in removed) or "nothing to remove")
+    return 0
+
+
+def _use_wheelhouse(path: str) -> None:
+    """Every environment this command builds installs from `path` alone (workers inherit the variable)."""
+    import os
+
+    from . import wheelhouse
+
+    os.environ[wheelhouse.ENV_VAR] = str(Path(path).resolve())
+    wheelhouse.configured()  # a directory that is no wheelhouse is a usage error now, not a build failure later
+
+
+def _cmd_wheelhouse(args: argparse.Namespace) -> int:
+    from . import envs, wheelhouse
+    from .registry import get_adapter
+    from .runner import parse_pin
+
+    todo = []
+    for pin_text in args.pins:
+        fp = parse_pin(pin_text)
+        req = envs.request_for(fp.name, fp.version, fp.extra)
+        no_deps = [a for step in req.steps if "--no-deps" in step for a in step if not a.startswith("-")]
+        with_deps = [a for step in req.steps if "--no-deps" not in step for a in step if not a.startswith("-")]
+        get_adapter(fp.name)  # an unknown adapter is a usage error before any download
+        todo.append((req.label, ["safetensors", *req.requirements, *with_deps], no_deps, dict(req.build_env)))
+    have = wheelhouse.read_have(Path(args.have) if args.have else None)
+    got = wheelhouse.gather(todo, Path(args.dir), args.python_version, args.platform,
+                            args.torch or envs.host_torch_version(), have)
+    size = sum(p.stat().st_size for p in Path(args.dir).glob("*.whl")) / 2**20
+    for label, pins in got.environments.items():
+        print(f"{label}: {len(pins)} distributions resolved for python {args.python_version} {args.platform}")
+    print(f"wheelhouse {args.dir}: {len(list(Path(args.dir).glob('*.whl')))} wheels, {size:.1f} MB "
+          f"({len(set(got.skipped))} left to the target: its torch stack and --have)")
     return 0
 
 
@@ -231,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
     run.add_argument("--timeout", type=float, metavar="S", help="override run.timeout_s")
     run.add_argument("--keep", metavar="DIR", help="keep records and worker logs under DIR")
+    run.add_argument("--wheelhouse", metavar="DIR", help="build environments from this wheelhouse alone (no index)")
     run.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="adapters, the exact piece of each framework that runs, capabilities, patches")
     ls.add_argument("--json", action="store_true")
@@ -240,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     env_sub.add_parser("list")
     b = env_sub.add_parser("build")
     b.add_argument("pins", nargs="+", metavar="NAME==VERSION")
+    b.add_argument("--wheelhouse", metavar="DIR", help="install from this wheelhouse alone (no index)")
+    wh = env_sub.add_parser("wheelhouse", help="gather every wheel the pins' environments need, for an offline "
+                                               "machine (run where an index is reachable)")
+    wh.add_argument("pins", nargs="+", metavar="NAME==VERSION")
+    wh.add_argument("--dir", required=True, help="the wheelhouse directory (created)")
+    wh.add_argument("--python-version", default=f"{sys.version_info[0]}.{sys.version_info[1]}",
+                    help="the target's python, e.g. 3.12 (default: this one)")
+    wh.add_argument("--platform", default="x86_64-manylinux_2_28", help="the target platform (uv's name)")
+    wh.add_argument("--torch", help="the target's torch version (default: this host's)")
+    wh.add_argument("--have", metavar="FREEZE", help="a `pip freeze` of the target: what it has is left out")
     rm = env_sub.add_parser("remove")
     rm.add_argument("pattern", nargs="?", help="remove environments whose name contains this (default: all)")
     env.set_defaults(func=cmd_env)

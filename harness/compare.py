@@ -194,6 +194,11 @@ def fit_tokens(spec: Spec, grads: dict[str, torch.Tensor], token_ref: Record) ->
 
 def fit_microbatches(spec: Spec, grads: dict[str, torch.Tensor], ref: Record, step: int) -> tuple[Fit, Signature]:
     b = spec.batch
+    fraction = ref.meta.extra.get("contrib_sketch")
+    if fraction:  # the reference kept sketched contributions: sketch the framework's gradient the same way
+        from .sketch import sketch
+
+        grads = sketch(grads, float(fraction))
     contribs, labels = [], []
     for r in range(b.world_size):
         for m in range(b.grad_accum):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from . import wheelhouse
 from .errors import EnvironmentBuildError, UsageError
 from .registry import get_adapter
 
@@ -82,8 +83,12 @@ class EnvRequest:
 
     @property
     def key(self) -> str:
-        blob = json.dumps([ENV_FORMAT, self.adapter, self.version, self.requirements, self.build_env, self.steps,
-                           self.extra_pins, host_torch_version(), sys.version_info[:2]])
+        parts = [ENV_FORMAT, self.adapter, self.version, self.requirements, self.build_env, self.steps,
+                 self.extra_pins, host_torch_version(), sys.version_info[:2]]
+        house = wheelhouse.configured()
+        if house is not None:  # an offline build is a different environment (host site-packages, other wheels)
+            parts.append(str(house.resolve()))
+        blob = json.dumps(parts)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -161,15 +166,22 @@ def ensure(req: EnvRequest, log: bool = True) -> Environment:
             print(f"stepdiff: building environment {req.label} (torch=={host_torch_version()}) ...", file=sys.stderr,
                   flush=True)
         t0 = time.perf_counter()
+        house = wheelhouse.configured()
+        torch_source = "index"
         try:
-            _build(req, d)
+            if house is None:
+                _build(req, d)
+            else:
+                torch_source = wheelhouse.build_offline(d, list(req.requirements), [list(s) for s in req.steps],
+                                                        dict(req.build_env), house, host_torch_version())
         except EnvironmentBuildError:
             shutil.rmtree(d, ignore_errors=True)
             raise
-        versions = _freeze(d)
+        versions = _freeze(d) if house is None else wheelhouse.freeze_offline(str(d / "bin" / "python"))
         build_s = time.perf_counter() - t0
         marker.write_text(json.dumps({"request": asdict(req), "versions": versions, "build_s": build_s,
-                                      "python": sys.version.split()[0]}, indent=1))
+                                      "python": sys.version.split()[0], "torch_source": torch_source,
+                                      "wheelhouse": str(house) if house else None}, indent=1))
         if log:
             print(f"stepdiff: built {req.label} in {build_s:.1f} s", file=sys.stderr, flush=True)
         return Environment(req.label, d, str(d / "bin" / "python"), versions, build_s, False)

@@ -18,6 +18,9 @@ from .spec import ModelSpec, Spec
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-160m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                        num_kv_heads=12),
+    # ~0.47B: the size of the small open models people fine-tune (Qwen2.5-0.5B, Llama-3.2-class shapes)
+    "llama-0.5b": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                       num_kv_heads=8),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                      num_kv_heads=8),
     "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from . import envs
 from .compare import RunResult, compare
 from .diff import dict_diff
 from .errors import UsageError, WorkerError
-from .model import write_init_weights
+from .model import parameter_shapes, write_init_weights
 from .record import Record
 from .registry import adapter_names, get_adapter
 from .spec import Spec, to_dict
@@ -96,18 +96,83 @@ def worker_env(env: envs.Environment) -> dict[str, str]:
 
 def run_reference(spec: Spec, init: Path, workdir: Path,
                   calibrate: bool = True) -> tuple[Record, Bound, dict[str, str]]:
+    """The reference record and the bound calibrated from the reference's own float32-vs-float64 error.
+
+    Real-size models: per-micro-batch contributions are kept as sketches when full copies would not fit
+    (harness/sketch.py), and the float64 calibration runs on the same shape with fewer layers when a float64 copy
+    of the full model would not fit the device; the bound's source says so."""
+    from .sketch import fraction_for
+
     host = envs.host_environment()
-    with Worker("reference", host.python, 1, spec.run.device, workdir=workdir / "reference") as w:
-        w.submit({"spec": to_dict(spec), "init": str(init), "out": str(workdir / "reference" / "record")},
-                 spec.run.timeout_s)
-        ref = Record.load(workdir / "reference" / "record")
-        self_error = None
-        if calibrate and spec.model.dtype != "float64":
-            w.submit({"spec": to_dict(spec), "init": str(init), "out": str(workdir / "reference" / "record64"),
-                      "options": {"dtype": "float64"}}, spec.run.timeout_s)
-            ref64 = Record.load(workdir / "reference" / "record64")
-            self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(ref.steps, ref64.steps, strict=True))
-    return ref, bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance), host.versions
+    rdir = workdir / "reference"
+    n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
+    fraction = fraction_for(n_params, spec.batch.world_size * spec.batch.grad_accum)
+    with Worker("reference", host.python, 1, spec.run.device, workdir=rdir) as w:
+        w.submit({"spec": to_dict(spec), "init": str(init), "out": str(rdir / "record"),
+                  "options": {"contrib_sketch": fraction} if fraction else {}}, spec.run.timeout_s)
+        ref = Record.load(rdir / "record")
+        if not calibrate or spec.model.dtype == "float64":
+            return ref, bound_for(spec.model.dtype, None, spec.run.rel_tolerance), host.versions
+        cal, note = calibration_spec(spec, n_params)
+        if cal is spec:
+            work = ref
+        else:  # the same shape with fewer layers, in the working precision too
+            cal_init = write_init_weights(cal, envs.cache_root() / "init")
+            w.submit({"spec": to_dict(cal), "init": str(cal_init), "out": str(rdir / "record-cal"),
+                      "options": {"contributions": False}}, spec.run.timeout_s)
+            work = Record.load(rdir / "record-cal")
+        w.submit({"spec": to_dict(cal), "init": str(init if cal is spec else cal_init), "out": str(rdir / "record64"),
+                  "options": {"dtype": "float64", "contributions": False}}, spec.run.timeout_s)
+        ref64 = Record.load(rdir / "record64")
+        self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(work.steps, ref64.steps, strict=True))
+    bound = bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance)
+    if note:
+        bound = replace(bound, source=f"{bound.source}; {note}")
+    return ref, bound, host.versions
+
+
+FP64_BUDGET_ENV = "STEPDIFF_FP64_BUDGET_GB"
+
+
+def fp64_budget_bytes(device: str) -> float:
+    """Memory a float64 reference run may take: STEPDIFF_FP64_BUDGET_GB, else 80 % of the GPU's free memory
+    (nvidia-smi: the harness never initialises CUDA itself) or half the host's RAM."""
+    import os
+    import subprocess
+
+    if os.environ.get(FP64_BUDGET_ENV):
+        return float(os.environ[FP64_BUDGET_ENV]) * 2**30
+    if device == "cuda":
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            return 0.8 * float(out[0]) * 2**20
+        except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
+            pass
+    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def calibration_spec(spec: Spec, n_params: int) -> tuple[Spec, str]:
+    """The spec the float64 calibration runs on: the spec itself when a float64 copy fits, else the same shape
+    family (hidden size, heads, MLP width, vocabulary and data unchanged: the reductions whose rounding the bound
+    measures) with the fewest layers that fit, down to one."""
+    from .model import shape_of
+
+    per_param = 8 * (4 + (2 if spec.optimizer.name == "adamw" else 0))  # params, grads, step sum, copy; Adam state
+    budget = fp64_budget_bytes(spec.run.device)
+    if n_params * per_param <= budget:
+        return spec, ""
+    shape = shape_of(spec.model)
+    per_layer = sum(math.prod(s) for n, s in parameter_shapes(spec).items() if n.startswith("model.layers.0."))
+    fixed = n_params - per_layer * shape["num_layers"]
+    layers = max(1, min(shape["num_layers"] - 1, int((budget / per_param - fixed) // max(per_layer, 1))))
+    small = spec.replace(model__preset="tiny", model__vocab_size=shape["vocab_size"],
+                         model__hidden_size=shape["hidden_size"], model__intermediate_size=shape["intermediate_size"],
+                         model__num_heads=shape["num_heads"], model__num_kv_heads=shape["num_kv_heads"],
+                         model__num_layers=layers)
+    return small, (f"float64 calibration on the same shape with {layers} of {shape['num_layers']} layers (a float64 "
+                   f"copy of the full model needs ~{n_params * per_param / 2**30:.0f} GiB, over the "
+                   f"{budget / 2**30:.0f} GiB budget)")
 
 
 def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound: Bound, workdir: Path,

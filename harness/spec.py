@@ -41,7 +41,7 @@ class CaseSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    preset: Literal["tiny", "llama-160m", "llama-1b", "llama-8b"] = doc(
+    preset: Literal["tiny", "llama-160m", "llama-0.5b", "llama-1b", "llama-8b"] = doc(
         "tiny", "Named shape; 'tiny' uses the fields below, the others are real-size shapes for the GPU path.")
     vocab_size: int = doc(64, "Vocabulary size (ids 0=pad, 1=eos, 2=bos are reserved).", minimum=8)
     hidden_size: int = doc(32, "Hidden size of the Llama-like model.", minimum=1)

@@ -29,6 +29,25 @@ def _wait_for(path: Path, poll: float = 0.02) -> dict:
     return json.loads(path.read_text())
 
 
+def _cuda_numerics_fixed() -> None:
+    """TF32 off for matmuls and cuDNN in every worker (reference and frameworks alike): float32 means float32. A
+    framework that turns it back on is recorded by _cuda_facts, not hidden."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _cuda_facts() -> dict:
+    """What the report states about a CUDA run: the device, peak memory of this request, TF32 as it ended."""
+    import torch
+
+    return {"cuda_device": torch.cuda.get_device_name(),
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="stepdiff-worker")
     ap.add_argument("--adapter", required=True)
@@ -46,6 +65,8 @@ def main(argv: list[str]) -> int:
                         scratch=args.dir / f"scratch-rank{rank}")
     ctx.scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.device == "cuda":
+        _cuda_numerics_fixed()
     adapter = get_adapter(args.adapter)()
     adapter.setup(ctx)
     setup_s = time.perf_counter() - t0
@@ -59,10 +80,16 @@ def main(argv: list[str]) -> int:
         try:
             t1 = time.perf_counter()
             spec = from_dict(req["spec"])
+            if args.device == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
             record = adapter.run(spec, Path(req["init"]), ctx, **req.get("options", {}))
             if rank == 0:
                 record.meta.timings.setdefault("worker_setup_s", setup_s)
                 record.meta.timings["run_s"] = time.perf_counter() - t1
+                if args.device == "cuda":
+                    record.meta.extra.update(_cuda_facts())
                 record.save(req["out"])
                 _write_json(res_path, {"ok": True, "out": req["out"]})
         except Exception as e:  # reported to the harness as an error verdict, with the traceback
