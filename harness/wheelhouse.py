@@ -112,17 +112,27 @@ def _fetch(pin: str, directory: Path, python_version: str, platforms: list[str],
     return new[0] if new else pin
 
 
-def _resolve(requirements: list[str], directory: Path, python_version: str, platform: str, torch: str) -> list[str]:
+def _resolve(requirements: list[str], directory: Path, python_version: str, platform: str, torch: str,
+             have: dict[str, str | None]) -> list[str]:
     """The full closure of `requirements` for the target, as `name==version` lines (uv's resolver; torch fixed to
-    the target's version so the closure fits it, and left out of the output)."""
+    the target's version so the closure fits it). The target's own versions are preferred (tried as constraints
+    first), so an unpinned requirement the target already satisfies adds nothing to the wheelhouse."""
     from .envs import uv_binary
 
-    with tempfile.TemporaryDirectory() as tmp:
-        reqs = Path(tmp) / "requirements.in"
-        reqs.write_text("\n".join([*requirements, f"torch=={torch}"]) + "\n")
-        proc = subprocess.run([uv_binary(), "pip", "compile", str(reqs), "--python-version", python_version,
-                               "--python-platform", platform, "--find-links", str(directory), "--no-header",
-                               "--no-annotate", "--quiet"], capture_output=True, text=True)
+    preferred = {n: f"{n}=={v}" for n, v in have.items() if v and not NEVER_GATHERED.match(n)}
+    for _ in range(8):  # drop the preferences the resolver names as conflicting, then the rest, until it resolves
+        with tempfile.TemporaryDirectory() as tmp:
+            reqs, cons = Path(tmp) / "requirements.in", Path(tmp) / "constraints.txt"
+            reqs.write_text("\n".join([*requirements, f"torch=={torch}"]) + "\n")
+            cons.write_text("\n".join(preferred.values()) + "\n")
+            proc = subprocess.run([uv_binary(), "pip", "compile", str(reqs), "--constraint", str(cons),
+                                   "--python-version", python_version, "--python-platform", platform,
+                                   "--find-links", str(directory), "--no-header", "--no-annotate", "--quiet"],
+                                  capture_output=True, text=True)
+        if proc.returncode == 0 or not preferred:
+            break
+        named = {n for n in preferred if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", proc.stderr.lower())}
+        preferred = {n: c for n, c in preferred.items() if n not in named} if named else {}
     if proc.returncode != 0:
         from .envs import installer_reason
 
@@ -148,7 +158,7 @@ def gather(labels_and_requests: list[tuple[str, list[str], list[str], dict[str, 
             if version and not NEVER_GATHERED.match(name) and not any(directory.glob(f"{name.replace('-', '_')}-"
                                                                                     f"{version}-*.whl")):
                 out.files.append(_fetch(pin, directory, python_version, platforms, build_env))
-        pins = _resolve(reqs, directory, python_version, platform, torch) + list(no_deps)
+        pins = _resolve(reqs, directory, python_version, platform, torch, have) + list(no_deps)
         out.environments[label] = pins
         for pin in pins:
             name, version = _name_version(pin)
@@ -159,8 +169,11 @@ def gather(labels_and_requests: list[tuple[str, list[str], list[str], dict[str, 
                     directory.glob(f"{name}-{version}-*.whl")):
                 continue
             out.files.append(_fetch(pin, directory, python_version, platforms, build_env))
+    previous: dict[str, list[str]] = {}
+    if (directory / MANIFEST).is_file():  # gathering more into the same wheelhouse keeps what was there
+        previous = json.loads((directory / MANIFEST).read_text()).get("environments", {})
     manifest = {"python_version": python_version, "platform": platform, "torch": torch,
-                "environments": out.environments, "skipped": sorted(set(out.skipped)),
+                "environments": {**previous, **out.environments}, "skipped": sorted(set(out.skipped)),
                 "files": sorted(p.name for p in directory.glob("*.whl"))}
     tmp = directory / f".{MANIFEST}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
