@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from stepdiff.harness import sketch
-from stepdiff.harness.model import parameter_shapes
 from stepdiff.harness import spec as S
+from stepdiff.harness.model import parameter_shapes
 from stepdiff.harness.runner import calibration_spec, run_case
 
 CASE = """
