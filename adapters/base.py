@@ -50,6 +50,8 @@ class Capabilities:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     optimizers: tuple[str, ...] = ("sgd", "adamw")
     loss_kinds: tuple[str, ...] = ("sft",)
+    pad_to: bool = False
+    """Honours data.pad_to (its micro-batches come from stepdiff's collate, so extra padding reaches the model)."""
     patches: tuple[Patch, ...] = ()
     notes: tuple[str, ...] = ()
 
@@ -115,6 +117,8 @@ class Adapter:
             return f"loss.kind = {spec.loss.kind!r} is not supported (supported: {', '.join(caps.loss_kinds)})"
         if spec.run.device not in caps.devices:
             return f"run.device = {spec.run.device!r} is not supported"
+        if spec.data.pad_to and not caps.pad_to:
+            return "data.pad_to: this adapter's framework pads its own batches (extra padding cannot be injected)"
         return None
 
     def setup(self, ctx: WorkerContext) -> None:

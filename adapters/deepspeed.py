@@ -77,6 +77,7 @@ class DeepSpeedAdapter(Adapter):
         knobs=("zero_stage", "offload_optimizer", "overlap_comm", "contiguous_gradients", "reduce_bucket_size",
                "allgather_bucket_size"),
         patches=PATCHES,
+        pad_to=True,
         notes=("ZeRO-1 never reduces per micro-step, so the offload accumulation bugs need stage 2 to show.",),
     )
 

@@ -3,7 +3,8 @@
 It computes the correct step with the reference's code, in the host's python, and then misbehaves as its `mode` knob
 says: crash (the process dies), hang (never answers), exception, nan (a NaN gradient), missing (a parameter's
 gradient absent), no-step (parameters unchanged), or a synthetic numeric fault (scale the gradient, drop a
-micro-batch) that must be caught as a divergence. It wraps no framework; `stepdiff list` says so.
+micro-batch, supervise pad tokens, decay weights whatever the learning rate) that must be caught as a divergence.
+It wraps no framework; `stepdiff list` says so.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .reference import ReferenceAdapter
 @dataclass(frozen=True)
 class FaultKnobs:
     mode: Literal["none", "crash", "hang", "exception", "nan", "missing", "no-step", "scale", "drop",
-                  "mask-first"] = doc("none", "What goes wrong.")
+                  "mask-first", "pad-supervised", "decay-without-lr"] = doc("none", "What goes wrong.")
     scale: float = doc(2.0, "mode=scale: factor applied to every gradient and update.")
     drop: int = doc(1, "mode=drop: index of the micro-batch (rank 0) whose contribution is removed.", minimum=0)
 
@@ -32,6 +33,7 @@ class FaultKnobs:
 class FaultsAdapter(Adapter):
     name = "faults"
     host_env = True
+    fuzz_knobs: dict[str, tuple[object, ...]] = {"mode": (), "scale": (), "drop": ()}  # the case picks the fault
     capabilities = Capabilities(
         framework="none (self-test)",
         runs="the reference's own code, then a chosen failure: crash, hang, exception, NaN, missing gradient, "
@@ -39,6 +41,7 @@ class FaultsAdapter(Adapter):
         readouts=("as the reference",),
         knobs=("mode", "scale", "drop"),
         world_sizes="1, 2",
+        pad_to=True,
         dtypes=("float32", "bfloat16"),
         loss_kinds=("sft", "policy", "value", "dpo"),
         notes=("Used by the test suite to prove that broken runs are errors and synthetic divergences are caught.",),
@@ -65,8 +68,31 @@ class FaultsAdapter(Adapter):
             rec = ReferenceAdapter().run(spec.replace(data__samples=moved), init_path, ctx)
             rec.extras = {}
             return rec
+        if k.mode == "pad-supervised":  # labels not masked at padding: pad tokens become targets
+            from stepdiff.harness import data as D
+
+            collate = D.collate
+
+            def leaky(*a: object, **kw: object) -> D.MicroBatch:
+                mb = collate(*a, **kw)  # type: ignore[arg-type]
+                mb.loss_mask = mb.loss_mask.clone()
+                mb.loss_mask[:, 1:][mb.attention_mask[:, 1:] == 0] = 1
+                return mb
+
+            D.collate = leaky  # type: ignore[assignment]
+            try:
+                rec = ReferenceAdapter().run(spec, init_path, ctx)
+            finally:
+                D.collate = collate  # type: ignore[assignment]
+            rec.extras = {}
+            return rec
         rec = ReferenceAdapter().run(spec, init_path, ctx)
         rec.meta.adapter, rec.meta.code_path = self.name, f"faults mode={k.mode}"
+        if k.mode == "decay-without-lr":  # weight decay applied at a fixed rate, not scaled by the learning rate
+            for i, step in enumerate(rec.steps):
+                step.params = {n: p * (1 - 1e-2) ** (i + 1) for n, p in step.params.items()}
+            rec.extras = {}
+            return rec
         st = rec.steps[0]
         name = next(iter(st.grads))
         if k.mode == "nan":

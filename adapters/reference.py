@@ -59,6 +59,7 @@ class ReferenceAdapter(Adapter):
         dtypes=("float32", "bfloat16", "float64"),
         world_sizes="any (one process plays every rank)",
         loss_kinds=("sft", "policy", "value", "dpo"),
+        pad_to=True,
     )
 
     def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None,

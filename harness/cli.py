@@ -199,37 +199,114 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
-    from stepdiff.reports import terminal
-
     from . import spec as S
-    from .fuzz import fuzz
+    from .fuzz import DEFAULT_DATABASE, Progress, fuzz
+    from .properties import get_property, property_names
     from .runner import parse_pin
+    from .strategies import Limits, parse_fix
 
+    if args.list_properties:
+        for name in property_names():
+            print(f"{name:14s} {get_property(name).summary}")
+        return 0
+    if not args.case:
+        raise UsageError("stepdiff fuzz: give a CASE (a case file or bundled case name)")
     base = S.load(resolve_case(args.case))
     pins = args.framework or list(base.case.frameworks)
-    worst = 0
-    report = []
+    if not pins:
+        raise UsageError("no framework to fuzz: give --framework NAME==VERSION or list it in case.frameworks")
+    vary = [v.strip() for item in args.vary or [] for v in item.split(",") if v.strip()]
+    limits = Limits(max_world_size=args.max_world_size, max_grad_accum=args.max_grad_accum,
+                    max_micro_batch=args.max_micro_batch, max_steps=args.max_steps)
+    database = None if args.no_database else Path(args.database) if args.database else DEFAULT_DATABASE
+    _interrupt_on_sigterm()  # a killed campaign still closes its workers
+    campaigns = []
     for pin_text in pins:
         pin = parse_pin(pin_text)
-        res = fuzz(base, pin, examples=args.examples, seed=args.seed, max_grad_accum=args.max_grad_accum,
-                   max_micro_batch=args.max_micro_batch)
-        if res.failing is None:
-            print(f"{pin.label}: agrees on all {res.examples} drawn configurations")
-        else:
-            assert res.result is not None
-            shown = ", ".join(f"{k.replace('__', '.')}={v}" for k, v in res.failing.items())
-            verdict = res.result.verdict.upper()
-            print(f"{pin.label}: {verdict} - minimal configuration after {res.examples} runs: {shown}")
-            print("\n".join(terminal.detail(res.result)))
-            worst = max(worst, 2 if res.result.verdict == "error" else 1)
-        report.append({"framework": pin.label, "examples": res.examples,
-                       "failing": {k: list(v) if isinstance(v, tuple) else v for k, v in (res.failing or {}).items()}
-                       or None, "verdict": res.result.verdict if res.result else "agree",
-                       "signature": res.result.signature.name if res.result and res.result.signature else None,
-                       "microbatch_weights": list(res.result.fit.weights) if res.result and res.result.fit else None})
+        save: Path | None = None
+        if args.save_case:
+            save = Path(args.save_case)
+            if len(pins) > 1:
+                save = save.with_name(f"{save.stem}-{pin.label.replace('==', '-').replace(',', '+')}.toml")
+        c = fuzz(base, pin, prop=args.property, vary=vary, fix=parse_fix(args.fix or []), limits=limits,
+                 profile=args.profile, examples=args.examples, seed=args.seed, max_time=args.max_time,
+                 database=database, save_case=save,
+                 progress=Progress(pin.label, args.examples or (20 if args.profile == "ci" else 300)))
+        campaigns.append(c)
+        print(fuzz_summary(c), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"case": base.case.name, "runs": report}, indent=1))
-    return worst
+        doc = {"case": base.case.name, "campaigns": [c.to_json() for c in campaigns]}
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    codes = {"agree": 0, "diverge": 1, "error": 2, "unsupported": 4}
+    return max(codes[c.verdict] for c in campaigns)
+
+
+def _interrupt_on_sigterm() -> None:
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def fuzz_summary(c: Any) -> str:
+    """The terminal summary of one campaign."""
+    from stepdiff.reports import terminal
+
+    what = f"property {c.prop}" if c.prop else "the reference"
+    counts = c.counts()
+    apart = (f"; {counts.get('unsupported', 0)} unsupported and {counts.get('invalid', 0)} invalid draws counted "
+             "apart" if counts.get("unsupported") or counts.get("invalid") else "")
+    stop = f" ({c.stopped})" if c.stopped else ""
+    if c.failing is None:
+        if c.runs == 0:
+            return f"{c.framework}: UNSUPPORTED - no drawn configuration could run{apart}"
+        ok = "holds" if c.prop else "agrees with the reference"
+        return f"{c.framework}: {what} {ok} on all {c.runs} configurations run{apart}{stop} ({c.elapsed_s:.0f} s)"
+    lines = [f"{c.framework}: {c.failing.verdict.upper()} against {what} - minimal configuration after {c.runs} runs"
+             f"{apart}{stop} ({c.elapsed_s:.0f} s):"]
+    for k, v in c.changed.items():
+        lines.append(f"  {k} = {json.dumps(v) if not isinstance(v, str) else v}")
+    lines.append("  (every other dimension keeps the base case's value)")
+    if c.failing.microbatch_tokens:
+        lines.append(f"  supervised tokens per micro-batch (step 0): {c.failing.microbatch_tokens}")
+    if c.outcome is not None:
+        lines.append(f"  {c.outcome.reason}")
+        for label, _ in c.outcome.variants:
+            lines.append(f"    variant: {label}")
+    if c.result is not None:
+        lines.extend("  " + x for x in terminal.detail(c.result))
+    if c.saved_case:
+        lines.append(f"  case written: {c.saved_case}  (stepdiff run {c.saved_case})")
+    if c.saved_report:
+        lines.append(f"  report of the failing run: {c.saved_report}; stepdiff run gives: {c.reproduced}")
+    return "\n".join(lines)
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    import time
+
+    from . import spec as S
+    from .bisection import bisect, list_releases, parse_target
+
+    t0 = time.perf_counter()
+    spec = S.load(resolve_case(args.case))
+    if args.device:
+        spec = spec.replace(run__device=args.device)
+    target = parse_target(args.framework)
+    releases = list_releases(target.package, args.from_version, args.to_version)
+    held = ", ".join(x for x in ((f"{target.adapter}=={target.adapter_version}" if target.adapter_version else ""),
+                                 *target.extra) if x)
+    print(f"bisect {spec.case.name}: {len(releases)} {target.package} releases {releases[0]} .. {releases[-1]} from "
+          f"pip's index{f' (held: {held})' if held else ''}", flush=True)
+    result = bisect(spec, target, releases, find_fix=not args.no_fix)
+    result.elapsed_s = time.perf_counter() - t0
+    print(result.summary())
+    print(f"{len(result.probes)} probes of {len(releases)} releases in {result.elapsed_s:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=1))
+    return 0 if result.start is not None else 2
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
@@ -297,15 +374,42 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("conformance", help="run the adapter conformance kit against framework runs")
     conf.add_argument("pins", nargs="+", metavar="NAME==VERSION", help="framework pins, or 'reference'")
     conf.set_defaults(func=cmd_conformance)
-    fz = sub.add_parser("fuzz", help="hypothesis search of batch/length/accumulation configurations around a case")
-    fz.add_argument("case")
+    fz = sub.add_parser("fuzz", help="hypothesis search of whole configurations against the reference, or of a "
+                        "metamorphic property; the minimal failure is written as a case file")
+    fz.add_argument("case", nargs="?", help="base case: a case file or bundled case name")
     fz.add_argument("--framework", "-f", action="append", metavar="NAME==VERSION")
-    fz.add_argument("--examples", type=int, default=20, help="configurations to draw per framework (default 20)")
-    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--property", "-p", metavar="NAME", help="check a metamorphic property of the framework alone "
+                    "(no reference); see --list-properties")
+    fz.add_argument("--list-properties", action="store_true", help="list the properties and exit")
+    fz.add_argument("--vary", action="append", metavar="FIELD,...", help="draw only these dimensions "
+                    "(e.g. batch.grad_accum,deepspeed.offload_optimizer); default: all")
+    fz.add_argument("--fix", action="append", metavar="FIELD[=VALUE]", help="pin a dimension (TOML value; without "
+                    "a value: the base case's); repeatable")
+    fz.add_argument("--profile", choices=["ci", "nightly"], default="ci",
+                    help="ci: 20 examples, fixed seed; nightly: 300 examples, random (default ci)")
+    fz.add_argument("--examples", type=int, help="configurations to run per framework (overrides the profile)")
+    fz.add_argument("--seed", type=int, help="hypothesis seed (default: the profile's)")
+    fz.add_argument("--max-time", type=float, metavar="S", help="stop drawing new configurations after S seconds")
+    fz.add_argument("--save-case", metavar="PATH", help="where to write the minimal failing case "
+                    "(default .stepdiff/cases/fuzz-CASE-FRAMEWORK[-PROPERTY].toml; its report is saved beside it)")
+    fz.add_argument("--database", metavar="DIR", help="hypothesis example database (default .stepdiff/hypothesis)")
+    fz.add_argument("--no-database", action="store_true", help="neither replay nor save failing examples")
+    fz.add_argument("--max-world-size", type=int, default=2)
     fz.add_argument("--max-grad-accum", type=int, default=4)
     fz.add_argument("--max-micro-batch", type=int, default=3)
-    fz.add_argument("--json", metavar="PATH")
+    fz.add_argument("--max-steps", type=int, default=4)
+    fz.add_argument("--json", metavar="PATH", help="every drawn configuration, its verdict, error and signature")
     fz.set_defaults(func=cmd_fuzz)
+    bi = sub.add_parser("bisect", help="find the release that introduced (and fixed) a divergence, from the numbers")
+    bi.add_argument("case", help="case file or bundled case name")
+    bi.add_argument("framework", help="adapter name (its package is bisected), or a version set with the bisected "
+                    "package marked: 'trl==1.16.0,transformers==*'")
+    bi.add_argument("--from", dest="from_version", metavar="V", help="oldest release to consider")
+    bi.add_argument("--to", dest="to_version", metavar="V", help="newest release to consider")
+    bi.add_argument("--no-fix", action="store_true", help="stop once the introducing release is found")
+    bi.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
+    bi.add_argument("--json", metavar="PATH", help="every probe and the result as JSON")
+    bi.set_defaults(func=cmd_bisect)
     cases = sub.add_parser("cases", help="list the bundled cases")
     cases.set_defaults(func=cmd_cases)
     sh = sub.add_parser("spec-help", help="every case-file field with its default and meaning")

@@ -110,7 +110,7 @@ def collate(spec: Spec, indices: list[int], all_samples: tuple[Sample, ...] | No
     def resp(s: Sample) -> tuple[int, ...]:
         return s.rejected if which == "rejected" else s.response
 
-    length = max(len(s.prompt) + len(resp(s)) for s in rows)
+    length = max(spec.data.pad_to, *(len(s.prompt) + len(resp(s)) for s in rows))
     ids = torch.full((len(rows), length), spec.data.pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), length), dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)

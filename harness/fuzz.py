@@ -1,145 +1,346 @@
-"""Hypothesis fuzzing of batch / sequence-length / accumulation configurations against one framework run.
+"""Hypothesis fuzzing of whole step specs against one framework: against the reference, or a metamorphic property.
 
-Hypothesis draws configurations around a base case (micro-batch size, gradient accumulation, prompt and response
-length ranges, data seed), a `Session` runs each through long-lived workers (the reference's and the framework's,
-so imports and distributed start-up are paid once), and any configuration that does not agree is shrunk by
-Hypothesis to a minimal one, reported with its verdict and signature.
+A campaign draws configurations from `strategies` (everything the adapter can express, narrowed by --vary/--fix),
+runs each through a `Session` (long-lived workers: imports and distributed start-up paid once), and lets Hypothesis
+shrink the first configuration that does not agree (or that breaks the property) to a minimal one. That one is
+written as a complete case file (`save_case`), re-run with `stepdiff run`'s own code path, and its report saved
+beside it.
+
+Every drawn configuration, its verdict, its largest error and its signature are kept (`Campaign.examples`, and the
+JSON). Draws the adapter cannot honour are counted as unsupported, never as passes; draws the spec itself refuses
+(e.g. a group size that does not divide the batch) as invalid.
+
+Hypothesis conventions: settings profiles `ci` (small, seeded so every run tries the same examples) and `nightly`
+(large, random), an example database in the project (`.stepdiff/hypothesis`) so a found failure is replayed first
+next time, `seed`, `examples`, `max_time`; live progress on a terminal.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import asdict, dataclass, field
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from . import envs
-from .compare import RunResult, compare
-from .errors import UsageError, WorkerError
-from .model import write_init_weights
-from .record import Record
-from .registry import get_adapter
-from .runner import FrameworkPin, _environment, worker_env
+from . import properties as P
+from . import strategies as ST
+from .compare import RunResult
+from .errors import SpecError, UsageError
+from .runner import FrameworkPin
+from .session import Session, spec_key
 from .spec import Spec, to_dict
-from .tolerance import bound_for
-from .workers import Worker
 
+RESULTS_DIR = Path(".stepdiff")
+"""The project's results folder (relative to the working directory): saved cases and the example database."""
+DEFAULT_DATABASE = RESULTS_DIR / "hypothesis"
 
-class Session:
-    """Long-lived workers for one framework pin and the reference, serving many specs."""
-
-    def __init__(self, pin: FrameworkPin, workdir: Path | None = None) -> None:
-        self.pin = pin
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-session-"))
-        self.env = _environment(pin)
-        self.workers: dict[tuple[str, int], Worker] = {}
-        self.count = 0
-
-    def _worker(self, name: str, python: str, world_size: int, device: str, extra: dict[str, str]) -> Worker:
-        key = (name, world_size)
-        w = self.workers.get(key)
-        if w is None or (w.proc is not None and not w.alive()):
-            w = Worker(name, python, world_size, device, env=extra, workdir=self.dir / f"{name}-ws{world_size}")
-            self.workers[key] = w
-        return w
-
-    def run(self, spec: Spec) -> RunResult:
-        from safetensors.torch import load_file
-
-        reason = get_adapter(self.pin.name).unsupported(spec, self.pin.version)
-        if reason:
-            return RunResult(self.pin.name, self.pin.version, "unsupported", reason, extra_pins=self.pin.extra)
-        self.count += 1
-        init = write_init_weights(spec, envs.cache_root() / "init")
-        host = envs.host_environment()
-        ref_out, fw_out = self.dir / f"ref-{self.count}", self.dir / f"fw-{self.count}"
-        req = {"spec": to_dict(spec), "init": str(init)}
-        bound = bound_for(spec.model.dtype, None, spec.run.rel_tolerance)
-        try:
-            self._worker("reference", host.python, 1, spec.run.device, {}).submit({**req, "out": str(ref_out)},
-                                                                                  spec.run.timeout_s)
-            fw = self._worker(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device,
-                              worker_env(self.env))
-            fw.submit({**req, "out": str(fw_out)}, spec.run.timeout_s)
-            rec = Record.load(fw_out)
-            result = compare(spec, rec, Record.load(ref_out), load_file(str(init)), bound, self.pin.name,
-                             self.pin.version)
-            result.meta = asdict(rec.meta)
-        except WorkerError as e:
-            result = RunResult(self.pin.name, self.pin.version, "error", e.message, bound, log_tail=e.log_tail)
-        result.extra_pins = self.pin.extra
-        return result
-
-    def close(self) -> None:
-        for w in self.workers.values():
-            w.close()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+PROFILES: dict[str, dict[str, Any]] = {
+    "ci": {"max_examples": 20, "seed": 0},
+    "nightly": {"max_examples": 300, "seed": None},
+}
+"""Hypothesis settings per profile. `ci`: small and derandomised (a fixed seed, so every run draws the same
+configurations; the database still replays saved failures first). `nightly`: large and random."""
 
 
 @dataclass
-class FuzzResult:
-    pin: str
-    examples: int
-    """Configurations run (including Hypothesis's shrinking)."""
-    failing: dict[str, Any] | None = None
-    """The minimal non-agreeing configuration (the drawn fields), or None when every example agreed."""
+class Example:
+    index: int
+    phase: str
+    """'search' before the first failure, 'shrink' after it."""
+    config: dict[str, Any]
+    """The drawn dimensions (JSON-friendly)."""
+    verdict: str
+    """agree | diverge | error (reference) or hold | violated | error (property); unsupported; invalid."""
+    reason: str
+    max_rel_error: float | None = None
+    signature: str | None = None
+    weights: list[float] | None = None
+    microbatch_tokens: str | None = None
+    """Supervised tokens per micro-batch of step 0 (per rank): the shape the aggregation bugs need."""
+    elapsed_s: float = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.verdict in ("diverge", "error", "violated")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "phase": self.phase, "verdict": self.verdict, "reason": self.reason,
+                "max_rel_error": _num(self.max_rel_error), "signature": self.signature, "weights": self.weights,
+                "microbatch_tokens": self.microbatch_tokens, "elapsed_s": round(self.elapsed_s, 3),
+                "config": self.config}
+
+
+def _num(x: float | None) -> float | str | None:
+    return x if x is None or math.isfinite(x) else str(x)
+
+
+@dataclass
+class Campaign:
+    """One campaign's outcome: every example, and the minimal failure (if any) with its saved case."""
+
+    case: str
+    framework: str
+    prop: str | None
+    """The property checked, or None (against the reference)."""
+    profile: str
+    seed: int | None
+    max_examples: int
+    active: list[str]
+    fixed: dict[str, Any]
+    examples: list[Example] = field(default_factory=list)
+    failing: Example | None = None
+    changed: dict[str, Any] = field(default_factory=dict)
+    """The minimal failing configuration's dimensions that differ from the base case."""
     result: RunResult | None = None
-    tried: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    """The minimal failing configuration's comparison with the reference (reference campaigns)."""
+    outcome: P.Outcome | None = None
+    """The minimal failing configuration's property outcome (property campaigns)."""
+    spec: Spec | None = None
+    """The minimal failing spec (for a property: the variant saved as the case)."""
+    saved_case: Path | None = None
+    saved_report: Path | None = None
+    reproduced: str | None = None
+    """The verdict `stepdiff run` gives the saved case (the proof that it reproduces)."""
+    stopped: str | None = None
+    """Why the search stopped early (max time), or None."""
+    elapsed_s: float = 0.0
+
+    def count(self, verdict: str) -> int:
+        return sum(1 for e in self.examples if e.verdict == verdict)
+
+    @property
+    def runs(self) -> int:
+        return sum(1 for e in self.examples if e.verdict not in ("unsupported", "invalid"))
+
+    @property
+    def verdict(self) -> str:
+        """error > diverge > unsupported (nothing could run) > agree."""
+        if self.failing is not None:
+            return "error" if self.failing.verdict == "error" else "diverge"
+        return "unsupported" if self.runs == 0 else "agree"
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.examples:
+            out[e.verdict] = out.get(e.verdict, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "case": self.case, "framework": self.framework, "property": self.prop, "profile": self.profile,
+            "seed": self.seed, "max_examples": self.max_examples, "verdict": self.verdict,
+            "runs": self.runs, "counts": self.counts(), "stopped": self.stopped, "elapsed_s": round(self.elapsed_s, 1),
+            "dimensions": self.active, "fixed": self.fixed,
+            "failing": None if self.failing is None else {
+                "example": self.failing.to_json(),
+                "changed_from_base": self.changed,
+                "signature": r.signature.name if r and r.signature else None,
+                "signature_text": r.signature.text if r and r.signature else None,
+                "microbatch_weights": list(r.fit.weights) if r and r.fit else None,
+                "property_reason": self.outcome.reason if self.outcome else None,
+                "variants": [label for label, _ in self.outcome.variants] if self.outcome else None,
+                "saved_case": str(self.saved_case) if self.saved_case else None,
+                "saved_report": str(self.saved_report) if self.saved_report else None,
+                "reproduced_by_stepdiff_run": self.reproduced,
+            },
+            "examples": [e.to_json() for e in self.examples],
+        }
 
 
-def draw_fields(data: Any, base: Spec, max_grad_accum: int, max_micro_batch: int) -> dict[str, Any]:
-    from hypothesis import strategies as st
-
-    p_lo = data.draw(st.integers(1, 6), label="prompt_min")
-    p_hi = data.draw(st.integers(p_lo, 10), label="prompt_max")
-    r_lo = data.draw(st.integers(1, 8), label="response_min")
-    r_hi = data.draw(st.integers(r_lo, 24), label="response_max")
-    return {
-        "batch__grad_accum": data.draw(st.integers(1, max_grad_accum), label="grad_accum"),
-        "batch__micro_batch_size": data.draw(st.integers(1, max_micro_batch), label="micro_batch_size"),
-        "data__prompt_len": (p_lo, p_hi),
-        "data__response_len": (r_lo, r_hi),
-        "data__seed": data.draw(st.integers(0, 2**16), label="data_seed"),
-    }
+# --------------------------------------------------------------------------------------------------------------
+# Progress
 
 
-def fuzz(base: Spec, pin: FrameworkPin, examples: int = 20, seed: int = 0, max_grad_accum: int = 4,
-         max_micro_batch: int = 3, workdir: Path | None = None) -> FuzzResult:
-    """Search configurations around `base` for one where `pin` does not agree with the reference."""
+class Progress:
+    """Live progress: one rewritten status line on a terminal, one line per example otherwise."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, live: bool | None = None,
+                 space: ST.Space | None = None) -> None:
+        self.label, self.total, self.space = label, total, space
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+
+    def example(self, c: Campaign, e: Example) -> None:
+        counts = c.counts()
+        failing = sum(counts.get(v, 0) for v in ("diverge", "error", "violated"))
+        apart = counts.get("unsupported", 0) + counts.get("invalid", 0)
+        shown = _short(ST.changed(self.space, e.config) if self.space else e.config)
+        if self.live:
+            state = f"shrinking: {shown}" if e.phase == "shrink" else f"last: {e.verdict}"
+            line = (f"[{self.label}] {c.runs}/{self.total} run, {failing} failing, {apart} unsupported/invalid; "
+                    f"{state}")
+            width = 160
+            self.stream.write("\r" + line[:width].ljust(width))
+        else:
+            err = f" {e.max_rel_error:.2e}" if e.max_rel_error is not None else ""
+            self.stream.write(f"  [{self.label}] #{e.index} {e.phase} {e.verdict}{err} ({e.elapsed_s:.1f} s) {shown}\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _short(cfg: Mapping[str, Any]) -> str:
+    parts = []
+    for k, v in cfg.items():
+        if k == "data.samples":
+            v = {"lengths": [tuple(x) for x in v["lengths"]]} if "lengths" in v else v
+            text = json.dumps(v, separators=(",", ":"))
+            parts.append(f"{k}={text[:60]}{'...' if len(text) > 60 else ''}")
+        else:
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The campaign
+
+
+def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequence[str] = (),
+         fix: Mapping[str, Any] | None = None, limits: ST.Limits | None = None, profile: str = "ci",
+         examples: int | None = None, seed: int | None = None, max_time: float | None = None,
+         database: Path | None = DEFAULT_DATABASE, workdir: Path | None = None,
+         progress: Progress | None = None, save_case: Path | None | bool = None, reproduce: bool = True,
+         log: Callable[[str], None] | None = None) -> Campaign:
+    """Search the configuration space around `base` for one where `pin` disagrees with the reference (or breaks the
+    property `prop`), shrink it, and save it as a case (default path under `.stepdiff/cases`; `save_case=False`
+    saves nothing)."""
     try:
-        from hypothesis import HealthCheck, given, settings
+        from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings
         from hypothesis import seed as hseed
         from hypothesis import strategies as st
+        from hypothesis.database import DirectoryBasedExampleDatabase
+        from hypothesis.errors import Unsatisfiable
     except ImportError:
         raise UsageError("stepdiff fuzz needs hypothesis: pip install hypothesis") from None
-    if base.data.samples:
-        raise UsageError("stepdiff fuzz draws its samples: remove data.samples from the base case")
-    out = FuzzResult(pin.label, 0)
-    last_failure: dict[str, Any] = {}
+    if profile not in PROFILES:
+        raise UsageError(f"--profile {profile!r}: known profiles are {', '.join(PROFILES)}")
+    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    space = ST.build_space(base, pin.name, pin.version, vary, fix, limits)
+    the_prop = P.get_property(prop) if prop else None
+    if the_prop is not None:
+        why = the_prop.needs(space)
+        if why:
+            raise UsageError(why)
+    prof = PROFILES[profile]
+    max_examples = int(examples if examples is not None else prof["max_examples"])
+    if max_examples < 1:
+        raise UsageError("--examples must be at least 1")
+    use_seed = seed if seed is not None else prof["seed"]
+    c = Campaign(base.case.name, pin.label, the_prop.name if the_prop else None, profile, use_seed, max_examples,
+                 list(space.active), {k: to_dict(v) for k, v in space.fixed.items()})
+    t0 = time.monotonic()
+    deadline = None if max_time is None else t0 + max_time
+    cache: dict[str, tuple[Example, Any]] = {}
+    state: dict[str, Any] = {"phase": "search", "last": None}
 
+    if progress is not None and progress.space is None:
+        progress.space = space
     with Session(pin, workdir) as session:
 
-        @hseed(seed)
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-                  suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-        @given(st.data())
-        def check(data: Any) -> None:
-            fields = draw_fields(data, base, max_grad_accum, max_micro_batch)
-            spec = base.replace(**fields)
-            res = session.run(spec)
-            out.examples += 1
-            out.tried.append((fields, res.verdict))
-            if res.verdict in ("diverge", "error"):
-                last_failure["fields"], last_failure["result"] = fields, res
-                raise AssertionError(f"{pin.label}: {res.verdict} at {fields}: {res.reason}")
+        def run_one(cfg: dict[str, Any], data: Any) -> tuple[Example, Any]:
+            """Returns the example and its detail (RunResult or Outcome); raises reject() when it cannot run."""
+            public = P.public_config(cfg)
+            try:
+                if the_prop is None:
+                    spec = ST.apply(space, public)
+                    variants: Any = [("", spec)]
+                else:
+                    variants = P.build(the_prop, data, space, cfg)
+            except SpecError as e:
+                _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "invalid", str(e)))
+                reject()
+            if isinstance(variants, str):
+                _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unsupported", variants))
+                reject()
+            key = "|".join(spec_key(s) for _, s in variants)
+            if key in cache:
+                return cache[key]
+            for label, s in variants:
+                why = session.unsupported(s)
+                if why:
+                    _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unsupported",
+                                    f"{label + ': ' if label else ''}{why}"))
+                    reject()
+            if deadline is not None and time.monotonic() > deadline:
+                c.stopped = f"max time {max_time:g} s reached"
+                reject()
+            t1 = time.monotonic()
+            spec = variants[0][1]
+            detail: Any
+            if the_prop is None:
+                res = session.run(spec)
+                detail = res
+                ex = Example(len(c.examples), state["phase"], _jsonable(cfg), res.verdict, res.reason,
+                             res.max_rel_grad_error, res.signature.name if res.signature else None,
+                             list(res.fit.weights) if res.fit else None, ST.describe_samples(spec))
+            else:
+                out = P.check(the_prop, session, variants)
+                detail = out
+                ex = Example(len(c.examples), state["phase"], _jsonable(cfg), out.verdict, out.reason, out.max_error,
+                             microbatch_tokens=ST.describe_samples(spec))
+            ex.elapsed_s = time.monotonic() - t1
+            _record(ex)
+            cache[key] = (ex, detail)
+            return ex, detail
 
+        def _record(ex: Example) -> None:
+            c.examples.append(ex)
+            if progress is not None:
+                progress.example(c, ex)
+
+        def check(data: Any) -> None:
+            pre = P.preset(the_prop, data, space) if the_prop else {}
+            cfg = ST.draw(data, space, pre)
+            ex, detail = run_one(cfg, data)
+            if ex.failing:
+                state["phase"] = "shrink"
+                state["last"] = (ex, detail, cfg)
+                raise AssertionError(f"{pin.label}: {ex.verdict}: {ex.reason}")
+
+        # no 'explain' phase: it re-runs the minimal failure with each part randomised, a framework run each
+        phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+        wrapped = settings(max_examples=max_examples, deadline=None, derandomize=False, verbosity=Verbosity.quiet,
+                           phases=phases,
+                           database=DirectoryBasedExampleDatabase(str(database)) if database else None,
+                           suppress_health_check=list(HealthCheck), report_multiple_bugs=False)(given(st.data())(check))
+        # one database key per (case, framework, property, space): a saved failure replays only where it was found
+        wrapped.hypothesis.inner_test._hypothesis_internal_add_digest = json.dumps(  # type: ignore[attr-defined]
+            [base.case.name, pin.label, c.prop, c.active, c.fixed, repr(space.limits)], sort_keys=True,
+            default=str).encode()
+        if use_seed is not None:
+            wrapped = hseed(use_seed)(wrapped)
         try:
-            check()
+            wrapped()
         except AssertionError:
-            out.failing, out.result = last_failure["fields"], last_failure["result"]
-    return out
+            ex, detail, cfg = state["last"]
+            c.failing = ex
+            c.changed = _jsonable(ST.changed(space, cfg))
+            if isinstance(detail, P.Outcome):
+                c.outcome = detail
+            else:
+                c.result = detail
+                c.spec = ST.apply(space, P.public_config(cfg))
+        except Unsatisfiable:
+            pass  # every draw was unsupported or invalid: counted, verdict 'unsupported'
+        finally:
+            if progress is not None:
+                progress.done()
+    c.elapsed_s = time.monotonic() - t0
+    if c.failing is not None and save_case is not False:
+        from .casefile import save_finding
+
+        save_finding(c, base, pin, space, None if save_case in (None, True) else Path(str(save_case)), reproduce,
+                     say, workdir)
+    return c
+
+
+def _jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: to_dict(v) for k, v in cfg.items()}

@@ -80,6 +80,8 @@ class DataSpec:
     supervise: Literal["response", "all"] = doc(
         "response", "Which next-token targets count in the loss: response tokens only, or every token after the first.")
     pad_id: int = doc(0, "Padding id (never supervised).", minimum=0)
+    pad_to: int = doc(0, "Pad every micro-batch to at least this many tokens (pads are neither attended nor "
+                         "supervised; the padding property); 0 = to its longest sample.", minimum=0)
     eos_id: int = doc(1, "End-of-sequence id.", minimum=0)
     bos_id: int = doc(2, "Beginning-of-sequence id.", minimum=0)
 
@@ -318,6 +320,7 @@ def validate(spec: Spec) -> None:
             raise SpecError(f"data.samples[{i}]", bad[0], f"token id outside [0, {m.vocab_size})",
                             "use ids below model.vocab_size")
         longest = max(longest, len(s.prompt) + max(len(s.response), len(s.rejected)))
+    longest = max(longest, d.pad_to)
     if longest > m.max_position_embeddings:
         raise SpecError("model.max_position_embeddings", m.max_position_embeddings,
                         f"shorter than the longest sample ({longest})", f"set it to {longest} or more")

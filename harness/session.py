@@ -1,0 +1,131 @@
+"""Long-lived workers for one framework pin and the reference, serving many specs (fuzzing, properties).
+
+A framework's import and distributed start-up are paid once per (adapter, world size), not once per example. Each
+run is compared exactly as `stepdiff run` compares it: the reference's float32 run, its float64 calibration run, the
+same bound, the same verdicts, so a configuration found here reproduces with `stepdiff run`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import envs
+from .compare import RunResult, compare
+from .diff import dict_diff
+from .errors import WorkerError
+from .model import write_init_weights
+from .record import Record
+from .registry import get_adapter
+from .runner import FrameworkPin, _environment, worker_env
+from .spec import Spec, to_dict
+from .tolerance import Bound, CalibrationError, bound_for
+from .workers import Worker
+
+
+def spec_key(spec: Spec) -> str:
+    """A canonical text of a spec (name and description excluded): equal keys run identically."""
+    raw = to_dict(spec)
+    raw["case"] = {"frameworks": raw["case"]["frameworks"]}
+    return json.dumps(raw, sort_keys=True)
+
+
+class Session:
+    """Workers for `pin` (one per world size) and the host's reference, reused across specs until closed."""
+
+    def __init__(self, pin: FrameworkPin, workdir: Path | None = None) -> None:
+        self.pin = pin
+        self.own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-session-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = _environment(pin)  # UsageError (one line) when it cannot be installed
+        self.workers: dict[tuple[str, int], Worker] = {}
+        self.count = 0
+
+    def unsupported(self, spec: Spec) -> str | None:
+        reason: str | None = get_adapter(self.pin.name).unsupported(spec, self.pin.version)
+        return reason
+
+    def _worker(self, name: str, python: str, world_size: int, device: str, extra: dict[str, str]) -> Worker:
+        key = (name, world_size)
+        w = self.workers.get(key)
+        if w is None or (w.proc is not None and not w.alive()):
+            w = Worker(name, python, world_size, device, env=extra, workdir=self.dir / f"{name}-ws{world_size}")
+            self.workers[key] = w
+        return w
+
+    def _next_dir(self, what: str) -> Path:
+        self.count += 1
+        return self.dir / f"{what}-{self.count}"
+
+    def reference(self, spec: Spec, init: Path) -> tuple[Record, Bound]:
+        """The reference record and the calibrated bound (as `stepdiff run`: float64 self-error x safety)."""
+        host = envs.host_environment()
+        w = self._worker("reference", host.python, 1, spec.run.device, {})
+        out, out64 = self._next_dir("ref"), self._next_dir("ref64")
+        req = {"spec": to_dict(spec), "init": str(init)}
+        w.submit({**req, "out": str(out)}, spec.run.timeout_s)
+        ref = Record.load(out)
+        self_error = None
+        if spec.model.dtype != "float64":
+            w.submit({**req, "out": str(out64), "options": {"dtype": "float64"}}, spec.run.timeout_s)
+            ref64 = Record.load(out64)
+            self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(ref.steps, ref64.steps, strict=True))
+            shutil.rmtree(out64, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        return ref, bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance)
+
+    def framework(self, spec: Spec, init: Path) -> Record:
+        """The framework's record of `spec` (raises WorkerError on a crash, hang or failed run)."""
+        fw = self._worker(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device,
+                          worker_env(self.env))
+        out = self._next_dir("fw")
+        fw.submit({"spec": to_dict(spec), "init": str(init), "out": str(out)}, spec.run.timeout_s)
+        rec = Record.load(out)
+        shutil.rmtree(out, ignore_errors=True)
+        return rec
+
+    def run(self, spec: Spec) -> RunResult:
+        """The framework against the reference, verdict as `stepdiff run` gives it."""
+        from safetensors.torch import load_file
+
+        reason = self.unsupported(spec)
+        if reason:
+            return RunResult(self.pin.name, self.pin.version, "unsupported", reason, extra_pins=self.pin.extra)
+        init = write_init_weights(spec, envs.cache_root() / "init")
+        try:
+            ref, bound = self.reference(spec, init)
+        except (WorkerError, CalibrationError) as e:
+            message = e.message if isinstance(e, WorkerError) else str(e)
+            return RunResult(self.pin.name, self.pin.version, "error", f"reference failed: {message}",
+                             extra_pins=self.pin.extra)
+        try:
+            rec = self.framework(spec, init)
+            result = compare(spec, rec, ref, load_file(str(init)), bound, self.pin.name, self.pin.version)
+            result.meta = asdict(rec.meta)
+        except WorkerError as e:
+            result = RunResult(self.pin.name, self.pin.version, "error", e.message, bound, log_tail=e.log_tail)
+        result.extra_pins = self.pin.extra
+        result.env_versions = self.env.versions
+        return result
+
+    def init_tensors(self, spec: Spec) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(write_init_weights(spec, envs.cache_root() / "init"))))
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.close()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
