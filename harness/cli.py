@@ -52,6 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = S.load(resolve_case(case_arg))
         if args.device:
             spec = spec.replace(run__device=args.device)
+        if args.preset:
+            spec = spec.replace(model__preset=args.preset)
         if args.timeout:
             spec = spec.replace(run__timeout_s=args.timeout)
         pins = args.framework or list(spec.case.frameworks)
@@ -347,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--markdown", metavar="PATH", help="write a Markdown report")
     run.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
     run.add_argument("--timeout", type=float, metavar="S", help="override run.timeout_s")
+    run.add_argument("--preset", metavar="NAME", help="override model.preset (a real-size shape, e.g. llama-160m)")
     run.add_argument("--keep", metavar="DIR", help="keep records and worker logs under DIR")
     run.add_argument("--wheelhouse", metavar="DIR", help="build environments from this wheelhouse alone (no index)")
     run.set_defaults(func=cmd_run)

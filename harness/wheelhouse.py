@@ -197,6 +197,11 @@ def build_offline(d: Path, requirements: list[str], steps: list[list[str]], buil
     env = {**os.environ, **build_env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse),
            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     made = subprocess.run([sys.executable, "-m", "venv", str(d)], capture_output=True, text=True)
+    pip = [str(d / "bin" / "python"), "-m", "pip"]
+    if made.returncode != 0:  # an interpreter without ensurepip: an empty venv, filled by this interpreter's pip
+        shutil.rmtree(d, ignore_errors=True)
+        made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d)], capture_output=True, text=True)
+        pip = [sys.executable, "-m", "pip", "--python", str(d / "bin" / "python")]
     if made.returncode != 0:
         raise EnvironmentBuildError(f"python -m venv {d} failed: {_one_line(made.stderr)}")
     python = str(d / "bin" / "python")
@@ -208,7 +213,7 @@ def build_offline(d: Path, requirements: list[str], steps: list[list[str]], buil
                                  capture_output=True, text=True, check=True).stdout.strip()
         Path(purelib, "_stepdiff_host_site.pth").write_text("\n".join(host_site_packages()) + "\n")
     for args in [first, *steps]:
-        proc = subprocess.run([python, "-m", "pip", "install", "--no-index", "--find-links", str(wheelhouse),
+        proc = subprocess.run([*pip, "install", "--no-index", "--find-links", str(wheelhouse),
                                "--no-build-isolation", *args], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise EnvironmentBuildError(f"offline install of {' '.join(args)} from {wheelhouse} failed: "
@@ -216,10 +221,19 @@ def build_offline(d: Path, requirements: list[str], steps: list[list[str]], buil
     return torch_source
 
 
+_SEEN = """
+import importlib.metadata as m, json
+seen = {}
+for d in m.distributions():  # sys.path order: the environment's own copy before an inherited host copy
+    seen.setdefault(d.metadata["Name"], d.version)
+print(json.dumps(seen))
+"""
+
+
 def freeze_offline(python: str) -> dict[str, str]:
-    """Every distribution the environment sees (its own and, when inherited, the host's), lower-case names."""
-    proc = subprocess.run([python, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
-                          capture_output=True, text=True)
+    """Every distribution the environment sees (its own and, when inherited, the host's), lower-case names, the
+    copy that imports winning."""
+    proc = subprocess.run([python, "-c", _SEEN], capture_output=True, text=True)
     if proc.returncode != 0:
         return {}
-    return {_canon(d["name"]): d["version"] for d in json.loads(proc.stdout)}
+    return {_canon(name): version for name, version in json.loads(proc.stdout).items() if name}
