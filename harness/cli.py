@@ -40,14 +40,16 @@ def bundled_cases() -> list[Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stepdiff.reports import json_report, junit, markdown, terminal
+    from stepdiff.reports.json_report import case_dict
 
+    from . import outputs, progress
     from . import spec as S
     from .runner import parse_pin, run_case
 
+    outputs.check_run_arguments(args)
     if args.wheelhouse:
         _use_wheelhouse(args.wheelhouse)
-    results = []
+    case_docs = []
     for case_arg in args.case:
         spec = S.load(resolve_case(case_arg))
         if args.device:
@@ -58,16 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             spec = spec.replace(run__timeout_s=args.timeout)
         pins = args.framework or list(spec.case.frameworks)
         frameworks = [parse_pin(p) for p in pins]
-        result = run_case(spec, frameworks, workdir=Path(args.keep) / spec.case.name if args.keep else None)
-        print(terminal.render(result), flush=True)
-        results.append(result)
-    if args.json:
-        json_report.write(results, args.json)
-    if args.junit:
-        junit.write(results, args.junit)
-    if args.markdown:
-        Path(args.markdown).write_text(markdown.render_many(results))
-    return max(r.exit_code for r in results)
+        outputs.check_baseline(args, spec)
+        with progress.display(quiet=args.quiet):
+            result = run_case(spec, frameworks, workdir=Path(args.keep) / spec.case.name if args.keep else None)
+        case_docs.append(case_dict(result))  # every report is rendered from this document
+        outputs.print_case(args, case_docs[-1])
+    return outputs.finish_run(args, case_docs)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -333,6 +331,8 @@ def cmd_spec_help(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from stepdiff import __version__
 
+    from . import outputs
+
     ap = argparse.ArgumentParser(prog="stepdiff", description="Differential tester for LLM training frameworks: run "
                                  "the same seeded optimizer steps through real frameworks and a pure-PyTorch "
                                  "reference, and say where and how they diverge.",
@@ -344,14 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("case", nargs="+", help="case file path or bundled case name (see `stepdiff cases`)")
     run.add_argument("--framework", "-f", action="append", metavar="NAME==VERSION",
                      help="framework run (repeatable); default: the case's case.frameworks")
-    run.add_argument("--json", metavar="PATH", help="write the JSON report")
+    run.add_argument("--json", metavar="PATH", help="write the JSON report ('-' for stdout; the terminal report then "
+                     "goes to stderr)")
     run.add_argument("--junit", metavar="PATH", help="write a JUnit XML report (one testcase per framework run)")
-    run.add_argument("--markdown", metavar="PATH", help="write a Markdown report")
+    run.add_argument("--markdown", metavar="PATH", help="write a Markdown report, sized for a PR comment or "
+                     "$GITHUB_STEP_SUMMARY ('-' for stdout)")
     run.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
     run.add_argument("--timeout", type=float, metavar="S", help="override run.timeout_s")
     run.add_argument("--preset", metavar="NAME", help="override model.preset (a real-size shape, e.g. llama-160m)")
     run.add_argument("--keep", metavar="DIR", help="keep records and worker logs under DIR")
     run.add_argument("--wheelhouse", metavar="DIR", help="build environments from this wheelhouse alone (no index)")
+    outputs.add_run_arguments(run)
     run.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="adapters, the exact piece of each framework that runs, capabilities, patches")
     ls.add_argument("--json", action="store_true")
@@ -417,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     cases.set_defaults(func=cmd_cases)
     sh = sub.add_parser("spec-help", help="every case-file field with its default and meaning")
     sh.set_defaults(func=cmd_spec_help)
+    outputs.add_parsers(sub)
     return ap
 
 

@@ -4,9 +4,9 @@ environment and worker, and the comparisons. Returns a CaseResult; reports rende
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import envs
+from . import envs, progress
 from .compare import RunResult, compare
 from .diff import dict_diff
 from .errors import UsageError, WorkerError
@@ -223,28 +223,35 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or (lambda s: None)  # progress records (harness.progress) report each run by default
     if not frameworks:
         raise UsageError("no frameworks to run: give --framework NAME==VERSION or list them in case.frameworks")
     pins = [parse_pin(f) if isinstance(f, str) else f for f in frameworks]
     for pin in pins:  # resolve every environment up front: a bad pin is a usage error, early
         if get_adapter(pin.name).unsupported(spec, pin.version) is None:
-            _environment(pin)
+            with progress.task(pin.label, "environment", announce=False) as t:
+                _environment(pin)
+                t.done("environment ready", record=False)
     own_dir = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-run-"))
     try:
         init = write_init_weights(spec, envs.cache_root() / "init")
         init_tensors = load_file(str(init))
         try:
-            ref, bound, ref_versions = run_reference(spec, init, wd)
+            with progress.task("reference", "running (and its float64 calibration)") as t:
+                ref, bound, ref_versions = run_reference(spec, init, wd)
+                t.done(f"done ({t.elapsed:.1f} s); bound {bound.value:.1e}")
         except (WorkerError, CalibrationError) as e:  # a broken reference is the tester's own error: every run errs
             message, tail = (e.message, e.log_tail) if isinstance(e, WorkerError) else (str(e), "")
             runs = [RunResult(p.name, p.version, "error", f"reference failed: {message}", log_tail=tail,
                               extra_pins=p.extra) for p in pins]
             return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None), {},
                               elapsed_s=time.perf_counter() - t0)
-        runs = [run_framework(spec, p, init, ref, bound, wd, init_tensors, say) for p in pins]
-        _token_fits(spec, runs, init, wd)
+        runs = [progress.tracked(p.label, functools.partial(run_framework, spec, p, init, ref, bound, wd,
+                                                            init_tensors, say)) for p in pins]
+        with progress.task("signatures", "token-level fits", announce=False) as t:
+            _token_fits(spec, runs, init, wd)
+            t.done("done", record=False)
         result = CaseResult(spec.case.name, spec, runs, bound, ref_versions, elapsed_s=time.perf_counter() - t0)
         _pairwise(result, wd)
         return result

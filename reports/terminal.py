@@ -1,20 +1,55 @@
-"""The terminal report: one table per case, then per-run detail for what did not agree."""
+"""The terminal report: one table per case, then per-run detail for what did not agree.
+
+Rendered from the JSON document (reports.json_report), so `stepdiff report RESULT.json` prints exactly what the run
+printed. CaseResult / RunResult objects are accepted too and converted first.
+"""
 
 from __future__ import annotations
 
-from stepdiff.harness.compare import RunResult
-from stepdiff.harness.runner import CaseResult
+from collections.abc import Sequence
+from typing import Any
 
 MARK = {"agree": "AGREE", "diverge": "DIVERGE", "error": "ERROR", "unsupported": "UNSUPPORTED"}
 
+Doc = dict[str, Any]
 
-def _w(weights: tuple[float, ...] | None) -> str:
+
+def num(x: Any, fmt: str = ".2e", none: str = "-") -> str:
+    """A number of the document: finite floats formatted, non-finite ones (stored as strings) as they are."""
+    if x is None:
+        return none
+    if isinstance(x, str):
+        return x
+    return format(x, fmt)
+
+
+def weights_text(weights: Sequence[Any] | None) -> str:
     if weights is None:
         return "-"
-    return "[" + ", ".join(f"{x:.2f}".rstrip("0").rstrip(".") if abs(x) >= 0.005 else "0" for x in weights) + "]"
+    return "[" + ", ".join(x if isinstance(x, str) else f"{x:.2f}".rstrip("0").rstrip(".") if abs(x) >= 0.005 else "0"
+                           for x in weights) + "]"
 
 
-def _table(rows: list[list[str]]) -> str:
+_w = weights_text  # older name, used by callers outside this module
+
+
+def as_case(result: Any) -> Doc:
+    if isinstance(result, dict):
+        return result
+    from .json_report import case_dict
+
+    return case_dict(result)
+
+
+def as_run(run: Any) -> Doc:
+    if isinstance(run, dict):
+        return run
+    from .json_report import run_dict
+
+    return run_dict(run)
+
+
+def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):
@@ -24,69 +59,106 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render(result: CaseResult) -> str:
-    spec = result.spec
-    b = spec.batch
-    out = [f"case {result.case}: micro_batch_size={b.micro_batch_size} grad_accum={b.grad_accum} "
-           f"world_size={b.world_size} steps={b.steps} dtype={spec.model.dtype} optimizer={spec.optimizer.name} "
-           f"device={spec.run.device}",
-           f"bound: relative error <= {result.bound.source}", ""]
+def header(c: Doc) -> str:
+    sp = c["spec"]
+    b = sp["batch"]
+    return (f"micro_batch_size={b['micro_batch_size']} grad_accum={b['grad_accum']} world_size={b['world_size']} "
+            f"steps={b['steps']} dtype={sp['model']['dtype']} optimizer={sp['optimizer']['name']} "
+            f"device={sp['run']['device']}")
+
+
+def same_number_lines(c: Doc) -> list[str]:
+    verdict = {r["label"]: r["verdict"] for r in c["runs"]}
+    out = []
+    for g in c["same_numbers"]:
+        if len(g) > 1:
+            what = "the same wrong numbers" if {verdict.get(x) for x in g} == {"diverge"} else "the same numbers"
+            out.append(f"{' and '.join(g)} produce {what} (pairwise within the bound)")
+    return out
+
+
+def odd_one_out_line(c: Doc) -> str | None:
+    if not c["odd_one_out"]:
+        return None
+    return (f"odd one out: {c['odd_one_out']} disagrees with every other framework, which agree among "
+            "themselves")
+
+
+def render(result: Any) -> str:
+    c = as_case(result)
+    out = [f"case {c['case']}: {header(c)}", f"bound: relative error <= {c['bound_source']}", ""]
     rows = [["framework", "verdict", "max rel grad err", "worst parameter", "micro-batch weights (1 = correct)"]]
-    for r in result.runs:
-        worst = r.worst_param
-        rows.append([r.label, MARK[r.verdict],
-                     f"{r.max_rel_grad_error:.2e}" if r.max_rel_grad_error is not None else "-",
-                     f"{worst[0]} ({worst[1]:.2e})" if worst else "-", _w(r.fit.weights if r.fit else None)])
-    out.append(_table(rows))
-    for r in result.runs:
+    for r in c["runs"]:
+        worst = r["worst_parameter"]
+        rows.append([r["label"], MARK[r["verdict"]], num(r["max_rel_grad_error"]),
+                     f"{worst['name']} ({num(worst['rel'])})" if worst else "-", weights_text(r["microbatch_weights"])])
+    out.append(table(rows))
+    for r in c["runs"]:
         out.append("")
         out.extend(detail(r))
-    shared = [g for g in result.same_numbers if len(g) > 1]
-    for g in shared:
-        verdicts = {r.verdict for r in result.runs if r.label in g}
-        what = "the same wrong numbers" if verdicts == {"diverge"} else "the same numbers"
-        out.append("")
-        out.append(f"{' and '.join(g)} produce {what} (pairwise within the bound)")
-    if result.odd_one_out:
-        out.append("")
-        out.append(f"odd one out: {result.odd_one_out} disagrees with every other framework, which agree among "
-                   "themselves")
+    for line in same_number_lines(c):
+        out += ["", line]
+    odd = odd_one_out_line(c)
+    if odd:
+        out += ["", odd]
     out.append("")
-    out.append(f"verdict: {result.verdict} (exit {result.exit_code}) in {result.elapsed_s:.1f} s")
+    out.append(f"verdict: {c['verdict']} (exit {c['exit_code']}) in {c['elapsed_s']:.1f} s")
     return "\n".join(out)
 
 
-def detail(r: RunResult) -> list[str]:
-    lines = [f"{r.label}: {MARK[r.verdict]} - {r.reason}"]
-    if r.verdict == "error" and r.log_tail:
+def render_document(doc: Doc) -> str:
+    """What `stepdiff run` prints on stdout for a whole document: each case's report, one print() each."""
+    from .json_report import cases_of
+
+    return "".join(render(c) + "\n" for c in cases_of(doc))
+
+
+def detail(run: Any) -> list[str]:
+    r = as_run(run)
+    lines = [f"{r['label']}: {MARK[r['verdict']]} - {r['reason']}"]
+    if r["verdict"] == "error" and r.get("log_tail"):
         lines.append("  framework output (tail):")
-        lines.extend("    " + ln for ln in r.log_tail.splitlines()[-15:])
-    if r.verdict not in ("agree", "diverge"):
+        lines.extend("    " + ln for ln in r["log_tail"].splitlines()[-15:])
+    if r["verdict"] not in ("agree", "diverge"):
         return lines
-    if r.meta:
-        where = f"{r.meta.get('device')}, world size {r.meta.get('world_size')}"
-        lines.append(f"  ran: {r.meta.get('code_path')} [{where}]")
-    for s in r.steps:
-        flag = "  <- diverges" if s.diverged else ""
-        norm = f"{s.grad_norm:.6g}" if s.grad_norm is not None else "n/a"
-        ref_norm = f"{s.grad_norm_ref:.6g}" if s.grad_norm_ref is not None else "n/a"
-        lines.append(f"  step {s.step}: loss {s.loss:.6g} (ref {s.loss_ref:.6g})  grad norm {norm} (ref {ref_norm})  "
-                     f"grad rel {s.grad.total.rel:.2e}  cos {s.grad.total.cosine:.6f}  update rel "
-                     f"{s.update.total.rel:.2e}{flag}")
-    if r.first_diverging_step is not None:
-        s = r.steps[r.first_diverging_step]
-        lines.append(f"  parameters by gradient error at step {s.step} (bound {r.bound.value:.1e}):" if r.bound else "")
-        for p in s.grad.per_param[:5]:
-            lines.append(f"    {p.name:45s} rel {p.rel:.3e}  max abs {p.max_abs:.3e}  cos {p.cosine:.5f}")
-        if len(s.grad.per_param) > 5:
-            over = sum(1 for p in s.grad.per_param if r.bound and p.rel > r.bound.value)
-            lines.append(f"    ... {over} of {len(s.grad.per_param)} parameters over the bound")
-    for finding in r.supervision:
+    meta = r.get("meta")
+    if meta:
+        lines.append(f"  ran: {meta.get('code_path')} [{meta.get('device')}, world size {meta.get('world_size')}]")
+    for s in r["steps"]:
+        flag = "  <- diverges" if s["diverged"] else ""
+        lines.append(f"  step {s['step']}: loss {num(s['loss'], '.6g')} (ref {num(s['loss_ref'], '.6g')})  grad norm "
+                     f"{num(s['grad_norm'], '.6g', 'n/a')} (ref {num(s['grad_norm_ref'], '.6g', 'n/a')})  grad rel "
+                     f"{num(s['grad_rel'])}  cos {num(s['grad_cosine'], '.6f')}  update rel "
+                     f"{num(s['update_rel'])}{flag}")
+    first = r["first_diverging_step"]
+    if first is not None:
+        s = r["steps"][first]
+        params = s["params_by_grad_error"]
+        bound = r["bound"]
+        lines.append(f"  parameters by gradient error at step {s['step']} (bound {num(bound, '.1e')}):"
+                     if bound is not None else "")
+        for p in params[:5]:
+            lines.append(f"    {p['name']:45s} rel {num(p['rel'], '.3e')}  max abs {num(p['max_abs'], '.3e')}  "
+                         f"cos {num(p['cosine'], '.5f')}")
+        if len(params) > 5:
+            over = sum(1 for p in params if bound is not None and _gt(p["rel"], bound))
+            lines.append(f"    ... {over} of {len(params)} parameters over the bound")
+    for finding in r["supervision_mismatches"]:
         lines.append(f"  supervised tokens: {finding}")
-    if r.fit and r.signature:
-        lines.append(f"  micro-batch weights at step {r.fit_step} (fit residual {r.fit.residual:.1e}): "
-                     + ", ".join(f"{lab}={w:.3f}" for lab, w in zip(r.fit.labels, r.fit.weights, strict=True)))
-        lines.append(f"  signature: {r.signature.name}: {r.signature.text}")
-    if r.tokens:
-        lines.append(f"  token weights (fit residual {r.tokens.residual:.1e}): {r.tokens.name}: {r.tokens.text}")
+    if r["microbatch_weights"] is not None and r["signature"]:
+        pairs = ", ".join(f"{lab}={num(w, '.3f')}" for lab, w in zip(r["microbatch_labels"], r["microbatch_weights"],
+                                                                      strict=True))
+        lines.append(f"  micro-batch weights at step {r['fit_step']} (fit residual {num(r['fit_residual'], '.1e')}): "
+                     + pairs)
+        lines.append(f"  signature: {r['signature']}: {r['signature_text']}")
+    if r["token_signature"]:
+        lines.append(f"  token weights (fit residual {num(r['token_fit_residual'], '.1e')}): {r['token_signature']}: "
+                     f"{r['token_signature_text']}")
     return lines
+
+
+def _gt(x: Any, bound: float) -> bool:
+    """x > bound for document numbers ('nan' counts as over: a NaN error is never within a bound)."""
+    if isinstance(x, str):
+        return x != "-inf"
+    return bool(x > bound)
