@@ -55,7 +55,7 @@ def _log10(x: Any) -> float | None:
 
 def _colorbar(bound: float | None, lo: float, hi: float) -> dict[str, Any]:
     """Decades of relative error on the colour bar, and the bound (the colour scale's midpoint) marked."""
-    decades = [d for d in range(math.ceil(lo), math.floor(hi) + 1, 2) if bound is None or abs(d - bound) > 0.6]
+    decades = [d for d in range(math.ceil(lo), math.floor(hi) + 1, 2) if bound is None or abs(d - bound) > 1.2]
     vals = [float(d) for d in decades] + ([bound] if bound is not None else [])
     text = [f"1e{d}" for d in decades] + (["bound"] if bound is not None else [])
     return {"title": {"text": "rel err"}, "tickvals": vals, "ticktext": text}
@@ -102,9 +102,10 @@ def pairwise_figure(c: dict[str, Any], div_id: str) -> str:
     fig = go.Figure(go.Heatmap(
         z=z, x=ticks, y=ticks, text=text, texttemplate="%{text}", colorscale="RdYlGn", reversescale=True,
         zmid=bound, zmin=min(-9.0, (bound or 0) - 4), zmax=max(1.0, (bound or 0) + 4), hoverongaps=False,
-        hovertemplate="%{y} vs %{x}: max rel grad error %{text}<extra></extra>",
+        hovertemplate="%{y} against %{x}: max rel grad error %{text}<extra></extra>",
         colorbar=_colorbar(bound, min(-9.0, (bound or 0) - 4), max(1.0, (bound or 0) + 4))))
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", title_text="run")
+    fig.update_xaxes(title_text="relative to", side="bottom")
     fig.update_layout(title={"text": f"pairwise max relative gradient error (bound {num(c['bound'], '.1e')})"})
     return _figure_html(fig, div_id, 120 + 60 * len(labels))
 
