@@ -1,4 +1,4 @@
-"""The HTML report of a four-framework run (deepspeed 0.18.9 - a buggy release - openrlhf, trl and verl against the
+"""The HTML report of a four-framework run (deepspeed, openrlhf 0.10.2 - a buggy release -, trl and verl against the
 reference), rendered in real headless Chromium: the key elements are present and visible, the verdict and signature
 are above the fold, every plot is drawn, nothing is loaded from the network, the console has no errors. A PNG
 screenshot is left in the test artifacts folder ($STEPDIFF_TEST_ARTIFACTS, default ./test-artifacts)."""
@@ -63,15 +63,15 @@ def test_four_framework_report_renders_in_headless_chromium(tmp_path: Path, brow
     badge = visible(browser, "#verdict")
     assert badge and badge[0].text == "DIVERGE"
     matrix = visible(browser, "#verdict-matrix")[0]
-    assert all(lab in matrix.text for lab in ("deepspeed==0.18.9", "openrlhf==0.11.2", "trl==1.16.0", "verl==0.9.1"))
+    assert all(lab in matrix.text for lab in ("deepspeed==0.19.8", "openrlhf==0.10.2", "trl==1.16.0", "verl==0.9.1"))
     cells = browser.find_elements(By.CSS_SELECTOR, "#verdict-matrix td.cell")
-    assert [c.get_attribute("data-verdict") for c in cells] == ["diverge", "agree", "agree", "agree"]
+    assert [c.get_attribute("data-verdict") for c in cells] == ["agree", "diverge", "agree", "agree"]
     sig = visible(browser, ".finding .signature")
-    assert [s.text for s in sig] == ["dropped-microbatches"]
+    assert [s.text for s in sig] == ["microbatch-token-mean"]
     assert sig[0].rect["y"] + sig[0].rect["height"] < fold, "the signature must be above the fold"
     assert matrix.rect["y"] < fold
     odd = visible(browser, "#summary .odd")
-    assert odd and "odd one out: deepspeed==0.18.9" in odd[0].text
+    assert odd and "odd one out: openrlhf==0.10.2" in odd[0].text
 
     # every plot is drawn by plotly: pairwise matrix, per-step curves, and per run a heatmap and weight bars
     n_runs = len(doc["runs"])
@@ -92,7 +92,9 @@ def test_four_framework_report_renders_in_headless_chromium(tmp_path: Path, brow
     code_paths = [e.text for e in visible(browser, ".code-path")]
     assert len(code_paths) == n_runs and any("deepspeed.initialize" in c for c in code_paths)
     ds = visible(browser, "#run-0-0")[0].text
-    assert "offload_optimizer=cpu" in ds and "deepspeed==0.18.9" in ds and "patches" in ds
+    assert "zero_stage=2" in ds and "deepspeed==0.19.8" in ds and "patches" in ds
+    odd_run = visible(browser, "#run-0-1")[0].text
+    assert "openrlhf==0.10.2" in odd_run and "signature microbatch-token-mean" in odd_run
     assert re.search(r"same numbers", visible(browser, ".same-numbers")[0].text)
 
     shot = artifacts_dir / "report-sft-four-frameworks.png"

@@ -3,8 +3,8 @@ JUnit read by a real consumer (junitparser), Markdown sized for a PR comment, st
 progress records.
 
 The four-framework documents under tests/data were written by real runs of cases/sft-four-frameworks.toml (see
-tests/data/README.md): deepspeed 0.18.9 (buggy) + openrlhf 0.11.2 + trl 1.16.0 + verl 0.9.1, and the same case with
-deepspeed 0.19.8 (the baseline from a different framework release)."""
+tests/data/README.md): deepspeed 0.19.8 + openrlhf 0.10.2 (a buggy release: mean of means) + trl 1.16.0 + verl 0.9.1,
+and the same case with openrlhf 0.11.2 (the baseline from a different framework release)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from stepdiff.reports import json_report, junit, markdown, schema, terminal
 DATA = Path(__file__).parent / "data"
 BUGGY = DATA / "sft-four-frameworks.json"
 FIXED = DATA / "sft-four-frameworks-fixed.json"
+ODD, ODD_FIXED, SIGNATURE = "openrlhf==0.10.2", "openrlhf==0.11.2", "microbatch-token-mean"
+OTHERS = ("deepspeed==0.19.8", "trl==1.16.0", "verl==0.9.1")
 
 
 def stepdiff(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -88,10 +90,10 @@ def test_report_loader_refuses_other_schema_versions(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ renderers
 def test_terminal_report_of_the_four_framework_run_names_the_odd_one_out() -> None:
     text = terminal.render(load(BUGGY))
-    assert "deepspeed==0.18.9  DIVERGE" in text
-    assert "signature: dropped-microbatches" in text
-    assert "odd one out: deepspeed==0.18.9" in text
-    assert re.search(r"openrlhf==0\.11\.2 and trl==1\.16\.0 and verl==0\.9\.1 produce the same numbers", text), text
+    assert f"{ODD}   DIVERGE" in text
+    assert f"signature: {SIGNATURE}" in text
+    assert f"odd one out: {ODD}" in text
+    assert f"{' and '.join(OTHERS)} produce the same numbers" in text, text
     fixed = terminal.render(load(FIXED))
     assert "DIVERGE" not in fixed and "odd one out" not in fixed
 
@@ -105,12 +107,12 @@ def test_junit_read_by_junitparser_one_case_per_framework(tmp_path: Path) -> Non
     suites = list(xml)
     assert [s.name for s in suites] == ["sft-four-frameworks"]
     cases = {c.name: c for c in suites[0]}
-    assert sorted(cases) == ["deepspeed==0.18.9", "openrlhf==0.11.2", "trl==1.16.0", "verl==0.9.1"]
-    ds = cases["deepspeed==0.18.9"].result
-    assert len(ds) == 1 and isinstance(ds[0], Failure)
-    worst = load(BUGGY)["runs"][0]["worst_parameter"]["name"]
-    assert "dropped-microbatches" in ds[0].message and worst in ds[0].message
-    assert all(cases[n].is_passed for n in cases if n != "deepspeed==0.18.9")
+    assert sorted(cases) == sorted([ODD, *OTHERS])
+    odd = cases[ODD].result
+    assert len(odd) == 1 and isinstance(odd[0], Failure)
+    worst = next(r for r in load(BUGGY)["runs"] if r["label"] == ODD)["worst_parameter"]["name"]
+    assert SIGNATURE in odd[0].message and worst in odd[0].message
+    assert all(cases[n].is_passed for n in OTHERS)
     assert suites[0].tests == 4 and suites[0].failures == 1 and suites[0].errors == 0
 
 
@@ -121,7 +123,7 @@ def test_markdown_puts_the_verdict_table_first_and_folds_details() -> None:
     assert lines[1].startswith("| verdict | case | framework |")
     table = [ln for ln in lines if ln.startswith("|")]
     assert len(table) == 2 + 4  # header, rule, one row per framework run
-    assert "❌ **DIVERGE** | `sft-four-frameworks` | `deepspeed==0.18.9`" in md and "dropped-microbatches" in md
+    assert f"❌ **DIVERGE** | `sft-four-frameworks` | `{ODD}`" in md and SIGNATURE in md
     first_details = md.index("<details>")
     assert md.index("| verdict |") < first_details and md.count("<details>") == md.count("</details>") == 1
     assert len(md) < markdown.MAX_CHARS
@@ -170,17 +172,17 @@ def test_gate_fails_against_a_baseline_from_another_release_and_passes_against_i
     terms = B.parse_fail(B.DEFAULT_FAIL)
     cmp = B.compare_documents(fixed, buggy, terms)
     assert cmp.exit_code == B.EXIT_REGRESSION
-    ds = next(r for r in cmp.cases[0].runs if r.current == "deepspeed==0.18.9")
-    assert ds.baseline == "deepspeed==0.19.8"  # matched by framework: the baseline is another release
-    moved = {m.metric: m for m in ds.moves}
+    odd = next(r for r in cmp.cases[0].runs if r.current == ODD)
+    assert odd.baseline == ODD_FIXED  # matched by framework: the baseline is another release
+    moved = {m.metric: m for m in odd.moves}
     assert moved["verdict"].baseline == "agree" and moved["verdict"].current == "diverge"
-    assert moved["signature"].current == "dropped-microbatches"
-    assert moved["grad_rel"].current > 1e5 * moved["grad_rel"].baseline and moved["grad_rel"].crossed
-    assert moved["weights"].current > 0.9  # the middle micro-batches went from weight 1 to 0
-    others = [r for r in cmp.cases[0].runs if r.current != "deepspeed==0.18.9"]
-    assert len(others) == 3 and not any(r.crossed for r in others)
+    assert moved["signature"].baseline == "correct" and moved["signature"].current == SIGNATURE
+    assert moved["grad_rel"].current > 1e4 * moved["grad_rel"].baseline and moved["grad_rel"].crossed
+    assert moved["weights"].current > 1.0  # the short micro-batch is over-weighted
+    others = [r for r in cmp.cases[0].runs if r.current != ODD]
+    assert [r.current for r in others] == list(OTHERS) and not any(r.crossed for r in others)
     text = B.render(cmp)
-    assert "deepspeed==0.19.8 -> deepspeed==0.18.9: FAIL" in text and "crosses grad_rel>10x" in text
+    assert f"{ODD_FIXED} -> {ODD}: FAIL" in text and "crosses grad_rel>10x" in text
     own = B.compare_documents(buggy, buggy, terms)
     assert own.exit_code == 0 and not own.crossed
     assert B.compare_documents(fixed, fixed, terms).exit_code == 0
@@ -190,16 +192,15 @@ def test_gate_refuses_a_baseline_of_a_different_spec() -> None:
     fixed, buggy = load(FIXED), load(BUGGY)
     buggy["spec"]["batch"]["grad_accum"] = 3
     buggy["spec_hash"] = json_report.spec_hash(buggy["spec"])
-    with pytest.raises(UsageError, match=r"different specs \(batch.grad_accum: 4 -> 3\)"):
+    with pytest.raises(UsageError, match=r"different specs \(batch.grad_accum: 2 -> 3\)"):
         B.compare_documents(fixed, buggy, B.parse_fail(B.DEFAULT_FAIL))
 
 
 def test_compare_cli_exit_codes_and_output(tmp_path: Path) -> None:
     out = stepdiff("compare", str(FIXED), str(BUGGY), timeout=120)
     assert out.returncode == B.EXIT_REGRESSION, out.stderr
-    assert "deepspeed==0.19.8 -> deepspeed==0.18.9: FAIL" in out.stdout
-    moved = r"grad_rel\s+1\.35e-07 -> 0\.802 \(x5\.94e\+06\)\s+<- crosses grad_rel>10x"
-    assert re.search(moved, out.stdout), out.stdout
+    assert f"{ODD_FIXED} -> {ODD}: FAIL" in out.stdout
+    assert re.search(r"grad_rel\s+\S+e-0[78] -> \S+ \(x\S+e\+0\d\)\s+<- crosses grad_rel>10x", out.stdout), out.stdout
     out = stepdiff("compare", str(BUGGY), str(BUGGY), "--fail", "grad_rel>10x,signature!=same", timeout=120)
     assert out.returncode == 0 and "result: no threshold crossed (exit 0)" in out.stdout
     out = stepdiff("compare", str(FIXED), str(BUGGY), "--fail", "grad_rel>>1", timeout=120)
