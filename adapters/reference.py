@@ -31,7 +31,8 @@ from stepdiff.harness import data as D
 from stepdiff.harness.record import Record, RecordMeta, StepRecord
 from stepdiff.harness.spec import Spec
 
-from .base import Adapter, Capabilities, WorkerContext, build_model, framework_versions, make_optimizer
+from .base import Adapter, Capabilities, WorkerContext
+from .common import build_model, framework_versions, make_optimizer
 
 
 def aggregate(spec: Spec, per_token: Any, mask: Any, norms: D.StepNorms) -> Any:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from stepdiff.adapters.base import Adapter
 
 
 @dataclass(frozen=True)
@@ -55,22 +58,31 @@ def entry(name: str) -> AdapterEntry:
         raise UsageError(f"unknown framework {name!r}; known: {', '.join(adapter_names())}") from None
 
 
-def get_adapter(name: str) -> Any:
+def get_adapter(name: str) -> type[Adapter]:
     """The adapter class registered under `name`. Raises UsageError on an unknown name."""
-    return _load(entry(name).adapter)
+    cls = _load(entry(name).adapter)
+    if not isinstance(cls, type):
+        raise TypeError(f"adapter {name!r}: {entry(name).adapter} is not a class")
+    return cls
 
 
-def knob_class(name: str) -> Any:
-    """The knob dataclass of adapter `name`, or None."""
+def knob_class(name: str) -> type | None:
+    """The knob dataclass of adapter `name`, or None. Imports only the knob module (no framework)."""
     e = entry(name)
-    return _load(e.knobs) if e.knobs else None
+    if e.knobs is None:
+        return None
+    cls = _load(e.knobs)
+    if not isinstance(cls, type):
+        raise TypeError(f"adapter {name!r}: knobs {e.knobs} is not a class")
+    return cls
 
 
 # The built-in adapters. Third-party adapters call register_adapter() the same way.
 register_adapter("reference", "stepdiff.adapters.reference:ReferenceAdapter")
 register_adapter("faults", "stepdiff.adapters.faults:FaultsAdapter", "stepdiff.adapters.faults:FaultKnobs")
-register_adapter("deepspeed", "stepdiff.adapters.deepspeed:DeepSpeedAdapter",
-                 "stepdiff.adapters.deepspeed:DeepSpeedKnobs")
-register_adapter("openrlhf", "stepdiff.adapters.openrlhf:OpenRLHFAdapter", "stepdiff.adapters.openrlhf:OpenRLHFKnobs")
-register_adapter("trl", "stepdiff.adapters.trl:TRLAdapter", "stepdiff.adapters.trl:TRLKnobs")
-register_adapter("verl", "stepdiff.adapters.verl:VerlAdapter", "stepdiff.adapters.verl:VerlKnobs")
+register_adapter("deepspeed", "stepdiff.adapters.deepspeed.adapter:DeepSpeedAdapter",
+                 "stepdiff.adapters.deepspeed.knobs:DeepSpeedKnobs")
+register_adapter("openrlhf", "stepdiff.adapters.openrlhf.adapter:OpenRLHFAdapter",
+                 "stepdiff.adapters.openrlhf.knobs:OpenRLHFKnobs")
+register_adapter("trl", "stepdiff.adapters.trl.adapter:TRLAdapter", "stepdiff.adapters.trl.knobs:TRLKnobs")
+register_adapter("verl", "stepdiff.adapters.verl.adapter:VerlAdapter", "stepdiff.adapters.verl.knobs:VerlKnobs")

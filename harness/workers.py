@@ -11,13 +11,14 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from stepdiff._util import free_port
 
 from .errors import WorkerError
 
@@ -33,12 +34,6 @@ def package_paths() -> dict[str, str]:
             raise RuntimeError(f"cannot locate package {name}")
         out[name] = list(spec.submodule_search_locations)[0]
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -69,7 +64,7 @@ class Worker:
             return [self.python, boot, *args]
         # world size > 1: torchrun's own rendezvous (an existing launcher, not a home-made one)
         return [self.python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
-                str(self.world_size), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                str(self.world_size), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                 boot, *args]
 
     def environment(self) -> dict[str, str]:

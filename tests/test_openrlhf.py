@@ -172,7 +172,7 @@ def test_flat_cli_and_first_response_token_dropped(case: S.Spec, tmp_path: Path)
 @pytest.mark.slow
 def test_conformance_kit(tmp_path: Path) -> None:
     """The harness's conformance kit, with the AdamW optimizer OpenRLHF can build (its base spec uses SGD)."""
-    from stepdiff.adapters.openrlhf import OpenRLHFAdapter
+    from stepdiff.adapters.openrlhf.adapter import OpenRLHFAdapter
     from stepdiff.harness.conformance import base_spec, run_conformance
     from stepdiff.harness.runner import parse_pin
 
@@ -187,7 +187,7 @@ def test_conformance_kit(tmp_path: Path) -> None:
 
 
 def test_unsupported_specs_are_reported(case: S.Spec) -> None:
-    from stepdiff.adapters.openrlhf import OpenRLHFAdapter as A
+    from stepdiff.adapters.openrlhf.adapter import OpenRLHFAdapter as A
 
     assert A.unsupported(case) is None
     assert "sgd" in A.unsupported(case.replace(optimizer__name="sgd"))

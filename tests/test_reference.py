@@ -37,7 +37,7 @@ def test_contributions_sum_to_step_gradient(tmp_path: Path) -> None:
 
 def test_token_mean_matches_hand_written_step(tmp_path: Path) -> None:
     """One global token mean over all micro-batches and ranks, computed in one shot, equals the reference."""
-    from stepdiff.adapters.base import build_model
+    from stepdiff.adapters.common import build_model
 
     spec = S.from_dict({"batch": {"grad_accum": 2, "world_size": 2, "micro_batch_size": 2}})
     rec, init = run_reference(spec, tmp_path)
@@ -102,7 +102,7 @@ def test_group_normalized_advantages() -> None:
 
 def test_value_loss_gradient_direction(tmp_path: Path) -> None:
     """Value targets far above the initial values: one SGD step raises every supervised value."""
-    from stepdiff.adapters.base import build_model
+    from stepdiff.adapters.common import build_model
 
     base = S.from_dict({"loss": {"kind": "value"}, "optimizer": {"lr": 0.01}})
     smp = tuple(S.Sample(prompt=s.prompt, response=s.response, value_target=5.0) for s in D.samples(base))
@@ -140,7 +140,7 @@ def test_fp64_calibration_records_unclipped_gradients(tmp_path: Path) -> None:
 def test_every_model_has_dropout_zero(tmp_path: Path) -> None:
     """Regression: the value model (LlamaForTokenClassification) defaulted to classifier dropout 0.1 in train mode,
     which made the reference's critic gradient random; any active dropout is now refused."""
-    from stepdiff.adapters.base import assert_no_dropout, build_model
+    from stepdiff.adapters.common import assert_no_dropout, build_model
 
     spec = S.from_dict({"loss": {"kind": "value"}})
     a, _ = run_reference(spec, tmp_path)

@@ -128,7 +128,7 @@ def test_grpo_dapo_truncated_normaliser_caught_and_fix_clean(tmp_path: Path) -> 
 
 
 def test_unsupported_knobs_are_reported_not_approximated() -> None:
-    from stepdiff.adapters.trl import TRLAdapter
+    from stepdiff.adapters.trl.adapter import TRLAdapter
 
     sft = case("trl-sft-ga3")
     assert TRLAdapter.unsupported(sft) is None

@@ -58,7 +58,7 @@ def _lopsided(spec: S.Spec) -> None:
 
 
 def test_capabilities_and_unsupported() -> None:
-    from stepdiff.adapters.verl import VerlAdapter
+    from stepdiff.adapters.verl.adapter import VerlAdapter
 
     caps = VerlAdapter.capabilities
     assert {"sft", "policy", "value"} <= set(caps.loss_kinds)

@@ -4,31 +4,39 @@ strategy, TRL through accelerate). Neither touches the gradient path under test.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
-from .base import Patch
+from ..base import Patch
 
-SHM_PATCH = Patch(
+SHM_OP = Patch(
     "deepspeed.comm.torch.build_shm_op", "replaced by a no-op (CPU only)",
     "skips an 18-77 s g++ JIT of the shared-memory comm op at init_distributed; plain gloo collectives are used")
-DETACH_PATCH = Patch(
+DETACH_FLAT_BUFFERS = Patch(
     "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned", "result .detach()ed",
     "0.18.7-0.18.9 crash at world size >= 2 with gloo on torch 2.13 (in-place write into a view of the flat bit16 "
     "buffer in the step's all-gather); 0.19.0 adds the same detach upstream; not on the gradient path")
+PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS)
 
 
-def skip_shm_op_build() -> list[str]:
-    """P1. Through importlib: `import deepspeed.comm.torch as m` binds the real torch package (an attribute of
+def select_accelerator(device: str) -> None:
+    """DeepSpeed's CPU accelerator on CPU (set before deepspeed is imported; its auto-detection wants CUDA)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def skip_shm_op_build() -> list[Patch]:
+    """Through importlib: `import deepspeed.comm.torch as m` binds the real torch package (an attribute of
     deepspeed.comm is named torch), so patching through it would silently do nothing."""
     comm_torch = importlib.import_module("deepspeed.comm.torch")
     if not hasattr(comm_torch, "build_shm_op"):
         return []
     comm_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
-    return [SHM_PATCH.target]
+    return [SHM_OP]
 
 
-def detach_flat_buffers() -> list[str]:
-    """P2. Idempotent: a worker serving many specs applies it once."""
+def detach_flat_buffers() -> list[Patch]:
+    """Idempotent: a worker serving many specs applies it once."""
     zopt = importlib.import_module("deepspeed.runtime.zero.stage_1_and_2").DeepSpeedZeroOptimizer
     if not hasattr(zopt, "flatten_dense_tensors_aligned"):
         return []
@@ -40,9 +48,9 @@ def detach_flat_buffers() -> list[str]:
 
         zopt.flatten_dense_tensors_aligned = flatten_detached
         zopt._stepdiff_detach = True
-    return [DETACH_PATCH.target]
+    return [DETACH_FLAT_BUFFERS]
 
 
-def apply(device: str) -> list[str]:
-    """Both patches (the shm op only on CPU); the targets actually patched, for the record."""
+def apply(device: str) -> list[Patch]:
+    """Both patches (the shm op only on CPU): the ones actually applied."""
     return (skip_shm_op_build() if device == "cpu" else []) + detach_flat_buffers()

@@ -1,4 +1,4 @@
-"""GRPO through trl.GRPOTrainer with injected rollouts (see adapters/trl.py for the read-outs).
+"""GRPO through trl.GRPOTrainer with injected rollouts (read-outs: `capture`).
 
 No generation noise: `rollout_func` (TRL's own hook for custom rollouts) returns, for this rank's generation batch, the
 spec's prompt and completion ids of the samples the spec places there (it checks that the prompts TRL handed it are
@@ -25,25 +25,68 @@ from typing import Any
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
-from . import trl_common as C
-from .base import WorkerContext, build_model, make_optimizer
+from ..base import Driven, Patch, WorkerContext
+from ..common import build_model, step_rank_indices
+from ..readouts import wrapped
+from . import common as C
+from .capture import Capture, finish, run_trainer
+from .knobs import TRLKnobs
+
+NO_SHUFFLE = Patch("trl.trainer.grpo_trainer.shuffle_sequence_dict", "identity (during the run)",
+                   "GRPOTrainer shuffles the generation batch (global torch RNG) before splitting it into "
+                   "micro-batches; the spec fixes the placement")
+LOSS_TYPE_AGGREGATION = {"grpo": "seq-mean-token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
 
 
-def step_rank_indices(spec: Spec, step: int, rank: int) -> list[int]:
-    b = spec.batch
-    return [i for m in range(b.grad_accum) for i in D.micro_batch_indices(spec, step, rank, m)]
+def loss_type(spec: Spec, k: TRLKnobs) -> str | None:
+    """GRPOConfig.loss_type: the knob, or the one whose aggregation is the spec's (None: no such loss type)."""
+    if k.grpo_loss_type != "auto":
+        return k.grpo_loss_type
+    return {agg: lt for lt, agg in LOSS_TYPE_AGGREGATION.items()}.get(spec.loss.aggregation)
 
 
-def check_placement(spec: Spec, ctx: WorkerContext, cap: C.Capture) -> dict[str, list[int]]:
+def unsupported(spec: Spec, k: TRLKnobs) -> str | None:
+    lt = loss_type(spec, k)
+    agg = spec.loss.aggregation
+    if lt is None:
+        return f"loss.aggregation = {agg!r} has no GRPOTrainer loss_type (grpo, dapo, dr_grpo map onto the spec)"
+    if lt == "bnpo":
+        if spec.batch.grad_accum * spec.batch.world_size != 1 or agg != "token-mean":
+            return ("trl.grpo_loss_type = 'bnpo' normalises by each local micro-batch's tokens: no spec "
+                    "aggregation matches it unless grad_accum = world_size = 1 and token-mean")
+    elif LOSS_TYPE_AGGREGATION[lt] != agg:
+        return f"trl.grpo_loss_type = {lt!r} aggregates as {LOSS_TYPE_AGGREGATION[lt]!r}, the spec asks {agg!r}"
+    if lt == "dr_grpo" and spec.rl.max_response_len == 0:
+        return "dr_grpo divides by GRPOConfig.max_completion_length: set rl.max_response_len"
+    rl = spec.rl
+    if rl.group_size < 2:
+        return "rl.group_size < 2: GRPOTrainer needs num_generations >= 2"
+    if rl.advantage == "given":
+        return ("rl.advantage = 'given': GRPOTrainer computes advantages from rewards; use group-normalized or "
+                "group-centered")
+    if rl.advantage == "group-normalized" and abs(rl.advantage_eps - 1e-4) > 1e-12:
+        return f"rl.advantage_eps = {rl.advantage_eps}: GRPOTrainer's std epsilon is fixed at 1e-4"
+    if spec.data.supervise != "response":
+        return "data.supervise = 'all': GRPO trains completion tokens only"
+    if k.deepspeed_zero_stage:
+        return "GRPO under DeepSpeed is not wired in the adapter"
+    eos = spec.data.eos_id
+    for i, smp in enumerate(D.samples(spec)):
+        if eos in smp.response[:-1]:
+            return (f"data.samples[{i}]: EOS before the end of the response; GRPOTrainer cuts the completion "
+                    "at the first EOS")
+        if smp.truncated != (smp.response[-1] != eos):
+            return (f"data.samples[{i}].truncated = {smp.truncated} but the response "
+                    f"{'does not end' if smp.response[-1] != eos else 'ends'} with EOS: GRPOTrainer decides "
+                    "truncation from the ids (no EOS at the end = truncated)")
+    return None
+
+
+def placement(spec: Spec, cap: Capture) -> dict[str, list[int]]:
     smp = D.samples(spec)
-    b = spec.batch
-    expected = [(s, m) for s in range(b.steps) for m in range(b.grad_accum)]
-    if len(cap.micro_inputs) != len(expected):
-        raise RuntimeError(f"GRPOTrainer ran {len(cap.micro_inputs)} micro-batches on rank {ctx.rank}; the spec has "
-                           f"{len(expected)}")
+    rank = cap.ctx.rank
     targets: dict[str, list[int]] = {}
-    for (s, m), inp in zip(expected, cap.micro_inputs, strict=True):
-        idx = D.micro_batch_indices(spec, s, ctx.rank, m)
+    for s, m, idx, inp in cap.fed(spec, "GRPOTrainer"):
         pid, pm, cid, cm = inp["prompt_ids"], inp["prompt_mask"], inp["completion_ids"], inp["completion_mask"]
         if pid.shape[0] != len(idx):
             raise RuntimeError(f"step {s} micro-batch {m}: GRPOTrainer fed {pid.shape[0]} rows, the spec {len(idx)}")
@@ -51,7 +94,7 @@ def check_placement(spec: Spec, ctx: WorkerContext, cap: C.Capture) -> dict[str,
             prompt = pid[row][pm[row].bool()].tolist()
             comp = cid[row, : len(smp[i].response)].tolist()
             if prompt != list(smp[i].prompt) or comp != list(smp[i].response):
-                raise RuntimeError(f"step {s} micro-batch {m} rank {ctx.rank} row {row}: GRPOTrainer fed prompt "
+                raise RuntimeError(f"step {s} micro-batch {m} rank {rank} row {row}: GRPOTrainer fed prompt "
                                    f"{prompt} completion {comp}; the spec places sample {i} = {list(smp[i].prompt)} "
                                    f"-> {list(smp[i].response)}")
             n_p = len(smp[i].prompt)
@@ -66,15 +109,12 @@ def check_placement(spec: Spec, ctx: WorkerContext, cap: C.Capture) -> dict[str,
     return targets
 
 
-def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str, Any]:
+def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> Driven:
     import datasets
     import transformers
     import trl
     from transformers import Trainer
     from trl import GRPOConfig, GRPOTrainer
-
-    from .trl import TRLAdapter
-
     smp = D.samples(spec)
     tok = C.build_tokenizer(spec)
     notes: list[str] = []
@@ -114,13 +154,12 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
         return out
 
     token_reward.__name__ = "spec_reward"
-    loss_type = TRLAdapter.grpo_loss_type(spec)
+    lt = loss_type(spec, knobs)
     longest = max(len(s.response) for s in smp[:n_total])
     max_len = rl.max_response_len or longest
-    args = C.common_args(spec, ctx, str(ctx.scratch / "grpo"), Trainer, None)
-    args["gradient_checkpointing"] = knobs.gradient_checkpointing
+    args = C.common_args(spec, ctx, str(ctx.scratch / "grpo"), Trainer, None, knobs.gradient_checkpointing)
     grpo = dict(num_generations=g, steps_per_generation=b.grad_accum, generation_batch_size=None,
-                num_iterations=1, beta=0.0, loss_type=loss_type, mask_truncated_completions=rl.mask_truncated,
+                num_iterations=1, beta=0.0, loss_type=lt, mask_truncated_completions=rl.mask_truncated,
                 scale_rewards="none" if rl.advantage == "group-centered" else "group",
                 temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
                 max_completion_length=max_len, max_prompt_length=None,
@@ -134,25 +173,15 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
     cfg = GRPOConfig(**kwargs)
     model = build_model(spec, init_path).to(ctx.torch_device)
     model.train()
-    cap = C.Capture()
-    sig = inspect.signature(GRPOTrainer.__init__).parameters
-    if "rollout_func" not in sig:
+    cap = Capture(ctx)
+    if "rollout_func" not in inspect.signature(GRPOTrainer.__init__).parameters:
         raise RuntimeError(f"trl {trl.__version__} GRPOTrainer has no rollout_func: rollouts cannot be injected")
-    tkw: dict[str, Any] = dict(model=model, reward_funcs=[token_reward], args=cfg, train_dataset=ds,
-                               processing_class=tok, rollout_func=rollout_func,
-                               callbacks=[C.step_callback(cap, ctx), C.make_callback(cap)])
-    if spec.optimizer.name == "sgd" and spec.optimizer.momentum:
-        tkw["optimizers"] = (make_optimizer(spec, model.parameters()), None)
-        notes.append("optimizer: torch.optim.SGD(momentum) passed to the Trainer (optimizers=)")
-    trainer = GRPOTrainer(**tkw)
-    C.hook_trainer(trainer, cap, grads_from_clip=True)
-    gmod = importlib.import_module("trl.trainer.grpo_trainer")
-    original = gmod.shuffle_sequence_dict  # type: ignore[attr-defined]
-    gmod.shuffle_sequence_dict = lambda d: d  # type: ignore[attr-defined]
-    try:
-        trainer.train()
-    finally:
-        gmod.shuffle_sequence_dict = original  # type: ignore[attr-defined]
+    trainer = GRPOTrainer(**C.trainer_kwargs(spec, model, tok, GRPOTrainer, notes, reward_funcs=[token_reward],
+                                             args=cfg, train_dataset=ds, rollout_func=rollout_func,
+                                             callbacks=cap.callbacks()))
+    with wrapped(importlib.import_module("trl.trainer.grpo_trainer"), "shuffle_sequence_dict", lambda _: lambda d: d):
+        run_trainer(trainer, cap, deepspeed=False)
+    targets = placement(spec, cap)
     adv_spec = D.sample_advantages(spec)
     adv_trl = {}
     for (s, m), inp in zip([(s, m) for s in range(b.steps) for m in range(b.grad_accum)], cap.micro_inputs,
@@ -162,11 +191,10 @@ def run(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: Any) -> dict[str
             for row, i in enumerate(D.micro_batch_indices(spec, s, ctx.rank, m)):
                 adv_trl[str(i)] = float(a.reshape(a.shape[0], -1)[row, 0])
     adv_err = max((abs(v - adv_spec[int(i)]) for i, v in adv_trl.items()), default=None)
-    return C.finish(spec, ctx, cap, trainer, notes, ["trl.trainer.grpo_trainer.shuffle_sequence_dict -> identity"],
-                    extra={"trainer": "GRPOTrainer", "loss_type": loss_type,
-                           "config": {k: v for k, v in kwargs.items() if k != "output_dir"},
-                           "advantages_trl": adv_trl, "masked_truncated_samples": cap.excluded,
-                           "advantages_max_abs_error_vs_spec": adv_err},
-                    code_path=f"trl.GRPOTrainer.train (trl {trl.__version__}, transformers "
-                              f"{transformers.__version__}, loss_type={loss_type}, rollout_func injection)",
-                    placement=check_placement)
+    extra = {"trainer": "GRPOTrainer", "loss_type": lt,
+             "config": {k: v for k, v in kwargs.items() if k != "output_dir"}, "advantages_trl": adv_trl,
+             "masked_truncated_samples": cap.excluded,
+             "advantages_max_abs_error_vs_spec": adv_err}
+    code_path = (f"trl.GRPOTrainer.train (trl {trl.__version__}, transformers {transformers.__version__}, "
+                 f"loss_type={lt}, rollout_func injection)")
+    return finish(spec, cap, trainer, notes, [NO_SHUFFLE.target], extra, code_path, targets)

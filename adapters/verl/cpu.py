@@ -1,8 +1,8 @@
 """CPU support for the verl adapter: verl's own plugin API where the release has one, the smallest patches elsewhere.
 
 Everything here runs inside a verl worker environment; nothing is imported at module import time except the
-standard library. Each function returns the `Patch.target` names it applied (stepdiff.adapters.verl.PATCHES).
-None of these touches the loss, its aggregation, the backward or the optimizer step.
+standard library. Each patch is a named `Patch`; each function returns the patches it applied. None of these touches
+the loss, its aggregation, the backward or the optimizer step.
 """
 
 from __future__ import annotations
@@ -13,18 +13,52 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from dataclasses import replace
 from typing import Any
 
-APPLIED: set[str] = set()
-"""Every patch target applied in this process (patches persist across the runs a worker serves)."""
+from ..base import Patch
+
+PLATFORM = Patch(
+    "verl.plugin.platform (PlatformCPU)", "a CPU platform registered with PlatformRegistry.register('cpu') and "
+    "set_platform (verl >= 0.9)", "verl's own plugin API; otherwise it falls back to 'nvidia' and calls torch.cuda; "
+    "device placement only")
+ATTN_CONFIG = Patch(
+    "HFModelConfig.override_config.attn_implementation", "the spec's attention kernel (config only)",
+    "the default is flash_attention_2, which needs flash-attn and a GPU")
+ENGINE_REGISTRY = Patch(
+    "verl.workers.engine.EngineRegistry (device 'cpu')", "FSDP engines registered for device 'cpu' (0.7/0.8); "
+    "VERL_ENGINE_DEVICE=cuda for the lookup (0.9)", "the registry keys engines on cuda/npu only; lookup only")
+FSDP1_SYNC = Patch(
+    "torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states", "no-op (FSDP1 only)",
+    "torch refuses sync_module_states with CPU parameters; gloo broadcasts them fine")
+ATTENTION_UTILS = Patch(
+    "verl.utils.attention_utils._get_attention_functions", "pure-torch unpad_input/pad_input/index_first_axis "
+    "(0.5-0.8)", "they import flash_attn.bert_padding on non-NPU hosts; verl 0.9 ships the same fallbacks")
+AUTOCAST = Patch(
+    "<module>.torch.autocast", "a disabled torch.autocast, only in the modules that hard-code bf16 autocast "
+    "(0.7 engine transformer_impl, 0.5/0.6 fsdp_sft_trainer)",
+    "fp32 everywhere: the hard-coded bf16 autocast really computes in bf16 (on CPU too) and moves gradients by ~4e-3")
+CPU_MEMORY = Patch(
+    "torch.cpu memory statistics", "memory_allocated / max_memory_* etc. return 0 where torch.cpu lacks them",
+    "verl logs GPU memory; logging only")
+VALUEHEAD_LOADER = Patch(
+    "verl.utils.model.load_valuehead_model", "AutoModelForTokenClassification.from_pretrained with the spec's "
+    "attention kernel (0.8/0.9)", "the release hard-codes flash_attention_2")
+RAY_STUB = Patch("ray", "a stub module (ray is not installed)",
+                 "verl imports ray at module level; nothing ray-backed runs")
+PATCHES = (PLATFORM, ATTN_CONFIG, ENGINE_REGISTRY, FSDP1_SYNC, ATTENTION_UTILS, AUTOCAST, CPU_MEMORY, VALUEHEAD_LOADER,
+           RAY_STUB)
+
+APPLIED: set[Patch] = set()
+"""Every patch applied in this process (patches persist across the runs a worker serves)."""
 
 
-def _applied(targets: list[str]) -> list[str]:
-    APPLIED.update(targets)
-    return targets
+def _applied(patches: list[Patch]) -> list[Patch]:
+    APPLIED.update(patches)
+    return patches
 
 # ----------------------------------------------------------------------------------------------------------------
-# P10: a stub `ray` (verl imports it at module level; nothing ray-backed runs here)
+# RAY_STUB: a stub `ray` (verl imports it at module level; nothing ray-backed runs here)
 
 
 class _StubMeta(type):
@@ -72,20 +106,20 @@ class _RayStubFinder(importlib.abc.MetaPathFinder):
         return None
 
 
-def install_ray_stub() -> list[str]:
-    """P10: only when ray is not installed (the adapter's environments leave it out: 240 MB, never used)."""
+def install_ray_stub() -> list[Patch]:
+    """Only when ray is not installed (the adapter's environments leave it out: 240 MB, never used)."""
     if importlib.util.find_spec("ray") is not None and not getattr(sys.modules.get("ray"), "__stepdiff_stub__", False):
         return []
     if not any(isinstance(f, _RayStubFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _RayStubFinder())
-    return _applied(["ray"])
+    return _applied([RAY_STUB])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P1: verl >= 0.9 CPU platform through verl.plugin.platform (PlatformRegistry.register + set_platform)
+# PLATFORM: verl >= 0.9 CPU platform through verl.plugin.platform (PlatformRegistry.register + set_platform)
 
 
-def install_cpu_platform() -> list[str]:
+def install_cpu_platform() -> list[Patch]:
     try:
         from verl.plugin.platform import PlatformBase, PlatformRegistry, set_platform
     except ImportError:
@@ -188,14 +222,14 @@ def install_cpu_platform() -> list[str]:
 
     PlatformRegistry.register(platform="cpu")(PlatformCPU)
     set_platform(PlatformCPU())
-    return _applied(["verl.plugin.platform (PlatformCPU)"])
+    return _applied([PLATFORM])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P3: engine registry keyed on cuda/npu only (0.7/0.8: register the FSDP engines for device 'cpu')
+# ENGINE_REGISTRY: engine registry keyed on cuda/npu only (0.7/0.8: register the FSDP engines for device 'cpu')
 
 
-def register_cpu_engines() -> list[str]:
+def register_cpu_engines() -> list[Patch]:
     try:
         from verl.workers.engine import EngineRegistry
         from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
@@ -214,11 +248,11 @@ def register_cpu_engines() -> list[str]:
             pass
         EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device=device)(cls)
         done.append(model_type)
-    return _applied(["verl.workers.engine.EngineRegistry (device 'cpu')"]) if done else []
+    return _applied([ENGINE_REGISTRY]) if done else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P5: verl.utils.attention_utils imports flash_attn.bert_padding on non-NPU hosts (0.5-0.8)
+# ATTENTION_UTILS: verl.utils.attention_utils imports flash_attn.bert_padding on non-NPU hosts (0.5-0.8)
 
 
 def _unpad_input(hidden_states: Any, attention_mask: Any, unused_mask: Any = None) -> Any:
@@ -249,7 +283,7 @@ def _index_first_axis(x: Any, indices: Any) -> Any:
         else x.index_select(0, indices)
 
 
-def patch_attention_utils() -> list[str]:
+def patch_attention_utils() -> list[Patch]:
     try:
         au = importlib.import_module("verl.utils.attention_utils")
     except ImportError:
@@ -264,14 +298,14 @@ def patch_attention_utils() -> list[str]:
     from einops import rearrange
 
     au._get_attention_functions = lambda: (_index_first_axis, _pad_input, rearrange, _unpad_input)  # type: ignore[attr-defined]
-    return _applied(["verl.utils.attention_utils._get_attention_functions"])
+    return _applied([ATTENTION_UTILS])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P6: hard-coded bf16 torch.autocast (0.5/0.6 fsdp_sft_trainer, 0.7 engine): disabled (the spec is fp32)
+# AUTOCAST: hard-coded bf16 torch.autocast (0.5/0.6 fsdp_sft_trainer, 0.7 engine): disabled (the spec is fp32)
 
 
-def patch_cpu_autocast(modules: list[str]) -> list[str]:
+def patch_cpu_autocast(modules: list[str]) -> list[Patch]:
     """Give the named verl modules a `torch` whose `autocast` is disabled (fp32 runs; on CPU the hard-coded bf16
     autocast really computes in bf16). Only those modules see it; torch itself is untouched."""
     import torch
@@ -293,14 +327,14 @@ def patch_cpu_autocast(modules: list[str]) -> list[str]:
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy  # type: ignore[attr-defined]
             done.append(name)
-    return _applied([f"{m}.torch.autocast" for m in done])
+    return _applied([replace(AUTOCAST, target=f"{m}.torch.autocast") for m in done])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P7: torch.cpu lacks the CUDA memory statistics verl logs
+# CPU_MEMORY: torch.cpu lacks the CUDA memory statistics verl logs
 
 
-def patch_cpu_memory_stats() -> list[str]:
+def patch_cpu_memory_stats() -> list[Patch]:
     import torch
 
     done = []
@@ -309,29 +343,29 @@ def patch_cpu_memory_stats() -> list[str]:
         if not hasattr(torch.cpu, name):
             setattr(torch.cpu, name, (lambda *a, **k: (0, 0)) if name == "mem_get_info" else (lambda *a, **k: 0))
             done.append(name)
-    return _applied(["torch.cpu memory statistics"]) if done else []
+    return _applied([CPU_MEMORY]) if done else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P4: FSDP1 refuses sync_module_states with CPU parameters
+# FSDP1_SYNC: FSDP1 refuses sync_module_states with CPU parameters
 
 
-def patch_fsdp1_sync_module_states() -> list[str]:
+def patch_fsdp1_sync_module_states() -> list[Patch]:
     try:
         iu = importlib.import_module("torch.distributed.fsdp._init_utils")
     except ImportError:
         return []
     if hasattr(iu, "_check_module_states_for_sync_module_states"):
         iu._check_module_states_for_sync_module_states = lambda *a, **k: None  # type: ignore[attr-defined]
-        return _applied(["torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states"])
+        return _applied([FSDP1_SYNC])
     return []
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# P8: verl.utils.model.load_valuehead_model hard-codes flash_attention_2 (0.8/0.9)
+# VALUEHEAD_LOADER: verl.utils.model.load_valuehead_model hard-codes flash_attention_2 (0.8/0.9)
 
 
-def patch_valuehead_loader(attn_implementation: str) -> list[str]:
+def patch_valuehead_loader(attn_implementation: str) -> list[Patch]:
     try:
         um = importlib.import_module("verl.utils.model")
     except ImportError:
@@ -354,4 +388,19 @@ def patch_valuehead_loader(attn_implementation: str) -> list[str]:
 
     load_valuehead_model._stepdiff = True  # type: ignore[attr-defined]
     um.load_valuehead_model = load_valuehead_model  # type: ignore[attr-defined]
-    return _applied(["verl.utils.model.load_valuehead_model"])
+    return _applied([VALUEHEAD_LOADER])
+
+
+def disable_hardcoded_autocast(modules: list[str]) -> list[Patch]:
+    """AUTOCAST only in those of `modules` whose source hard-codes a bf16 autocast."""
+    import inspect
+
+    hard = []
+    for m in modules:
+        try:
+            src = inspect.getsource(importlib.import_module(m))
+        except (ImportError, OSError, TypeError):
+            continue
+        if "autocast(" in src and "dtype=torch.bfloat16)" in src:
+            hard.append(m)
+    return patch_cpu_autocast(hard)

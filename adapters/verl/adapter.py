@@ -1,0 +1,201 @@
+"""verl adapter: the spec's steps through verl's own training code (engine workers, legacy actor, legacy SFT trainer).
+
+What runs (knob `path` x `impl`; impl = "auto", the default, is the release's own default: the legacy SFT trainer
+while verl ships it (<= 0.6.x), the legacy actor while `use_legacy_worker_impl=auto` picks it (<= 0.7.x), the engine
+otherwise; the critic is always the engine), one module per code path:
+- sft / engine: `engine_sft` (TrainingWorker.train_batch + sft_loss, verl >= 0.7);
+- actor / engine: `engine_actor` (TrainingWorker.train_mini_batch + ppo_loss, verl >= 0.7);
+- critic / engine: `engine_critic` (TrainingWorker(value_model).train_mini_batch + value_loss, verl >= 0.7);
+- actor / legacy: `legacy_actor` (DataParallelPPOActor.update_policy, verl <= 0.7);
+- sft / legacy: `legacy_sft` (FSDPSFTTrainer.training_step, verl <= 0.6).
+The engine paths share `engine` (the TrainingWorker built in-process, no Ray); the legacy paths share `fsdp` (verl's
+FSDP wrapping and the torch optimizer its workers build); all share `common` (config mapping, PPO batches, scalars).
+
+RL data: responses are the spec's; advantages are Sample.advantage on every response token; old log-probs (actor)
+and old values (critic) are computed with a plain transformers forward of the current weights, so the PPO ratio is
+1 and no clipping acts; returns are Sample.value_target. Responses are right-padded to the step's longest response
+(or rl.max_response_len), which is verl's seq-mean-token-sum-norm horizon.
+
+Read-outs: gradients are snapshotted after accumulation and before clipping by wrapping the optimizer-step method
+of the engine instance, of the legacy actor instance or the clip call of the legacy SFT trainer (`readouts.wrapped`,
+restored after the run); FSDP2 DTensor grads are `.full_tensor()`ed, FSDP1 grads read inside
+`summon_full_params(with_grads=True)` (use_orig_params=True). Parameters after the step the same way. Loss: the
+loss verl reports; grad norm: the norm verl's clip returns.
+
+CPU on verl's terms: the patches of `cpu` (also in `stepdiff list`). fp32 everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+
+from stepdiff._util import version_tuple
+from stepdiff.harness import data as D
+from stepdiff.harness.spec import Spec
+
+from ..base import Adapter, Capabilities, Driven, WorkerContext, knob_names
+from ..common import has_module, set_dist_env
+from . import cpu
+from .common import CLIP_OFF
+from .knobs import VerlKnobs
+
+PATHS = {
+    ("sft", "engine"): "engine_sft",
+    ("actor", "engine"): "engine_actor",
+    ("critic", "engine"): "engine_critic",
+    ("actor", "legacy"): "legacy_actor",
+    ("sft", "legacy"): "legacy_sft",
+}
+"""(knob path, resolved impl) -> the code path module."""
+READOUTS = (
+    "gradients: snapshot in a wrapper of engine.optimizer_step / actor._optimizer_step / the legacy SFT clip call "
+    "(after accumulation, before clipping; FSDP2 DTensor.full_tensor, FSDP1 summon_full_params(with_grads=True))",
+    "parameters after the step: the same unsharding",
+    "loss: verl's reported loss (worker metrics 'loss', legacy actor 'actor/pg_loss', legacy SFT 'train/loss')",
+    "grad norm: the norm verl's clip call returns",
+)
+NEWEST = (0, 9)
+"""The release line an unpinned environment gets (its dependency set)."""
+
+
+def release(version: str | None) -> tuple[int, ...]:
+    return version_tuple(version) if version else NEWEST
+
+
+def _deps(version: str | None) -> list[str]:
+    """verl is installed --no-deps (its full requirements pull ray[default], vllm pins, wandb ...): these are what
+    the code paths driven here import (cpu-recipe-verl.md section 1), without ray (cpu.RAY_STUB). tensordict is pinned
+    to 0.10.0 for >= 0.7 (DataProto.to_tensordict asserts >= 0.10; uv otherwise settles on 0.8.3)."""
+    v = release(version)
+    common = ["packaging", "hydra-core", "codetiming", "peft", "datasets>=3", "torchdata", "pillow", "psutil"]
+    if v >= (0, 9):
+        return [*common, "numpy>=2", "tensordict==0.10.0", "transformers>=5.5.3,<5.11,!=5.6.0",
+                "uvicorn", "fastapi"]
+    if v >= (0, 7):
+        return [*common, "numpy<2", "tensordict==0.10.0", "transformers<5", "uvicorn", "fastapi",
+                "einops", "pyarrow>=19,<22"]
+    return [*common, "numpy<2", "tensordict>=0.8,<=0.9.1,!=0.9.0", "transformers<4.56", "einops", "pyarrow>=19,<22"]
+
+
+class VerlAdapter(Adapter):
+    name = "verl"
+    version_dists = ("verl", "tensordict", "numpy")
+    capabilities = Capabilities(
+        framework="verl",
+        runs="sft/engine: TrainingWorker.train_batch + sft_loss; actor/engine: TrainingWorker.train_mini_batch + "
+             "ppo_loss; critic/engine: TrainingWorker(value_model).train_mini_batch + value_loss (FSDPEngine "
+             "forward_backward_batch + optimizer_step); actor/legacy: DataParallelPPOActor.update_policy; "
+             "sft/legacy: FSDPSFTTrainer.training_step",
+        readouts=READOUTS,
+        knobs=knob_names(VerlKnobs),
+        devices=("cpu", "cuda"),
+        world_sizes="1, 2 with fsdp2 (gloo on CPU, nccl on CUDA); fsdp1 at world size 1",
+        dtypes=("float32",),
+        optimizers=("sgd", "adamw"),
+        loss_kinds=("sft", "policy", "value"),
+        patches=cpu.PATCHES,
+        notes=(
+            "engine paths need verl >= 0.7; legacy actor <= 0.7.x; legacy fsdp_sft_trainer <= 0.6.x",
+            f"clip_grad_norm = 0 is verl clip {CLIP_OFF:g} (verl has no off switch; the coefficient clamps to "
+            "exactly 1)",
+            "advantages are token-level Sample.advantage; old log-probs/values are the current ones (ratio 1)",
+            "the 0.7.x engine critic without use_remove_padding crashes in verl (values not squeezed)",
+        ),
+    )
+
+    @classmethod
+    def requirements(cls, version: str | None) -> list[str]:
+        return _deps(version)
+
+    @classmethod
+    def install_steps(cls, version: str | None) -> list[list[str]]:
+        return [["--no-deps", f"verl=={version}" if version else "verl"]]
+
+    @classmethod
+    def unsupported_knobs(cls, spec: Spec, version: str | None) -> str | None:
+        k: VerlKnobs = spec.knobs_for(cls.name)
+        want = {"sft": "sft", "actor": "policy", "critic": "value"}[k.path]
+        if spec.loss.kind != want:
+            return f"verl.path = {k.path!r} trains loss.kind = {want!r}, the spec has {spec.loss.kind!r}"
+        if k.path == "sft" and spec.loss.aggregation != "token-mean":
+            return "verl's SFT losses have no aggregation knob (token mean); loss.aggregation must be 'token-mean'"
+        if k.path == "critic" and k.impl == "legacy":
+            return "verl.impl = 'legacy' has no critic here (the legacy dp_critic is not driven); use impl = 'engine'"
+        if k.path != "sft":
+            if spec.data.supervise != "response":
+                return "verl's RL losses train response tokens only: data.supervise must be 'response'"
+            if spec.rl.advantage != "given":
+                return "the verl adapter takes advantages as given (Sample.advantage): rl.advantage must be 'given'"
+            if spec.rl.mask_truncated:
+                return "rl.mask_truncated has no verl equivalent in these paths"
+            if any(not s.prompt for s in D.samples(spec)):
+                return "verl's RL paths need a non-empty prompt in every sample"
+        if k.strategy == "fsdp1" and spec.batch.world_size > 1:
+            return ("verl.strategy = 'fsdp1' at world size > 1: gradients cannot be read back on CPU (torch FSDP1 "
+                    "unshard fails); use fsdp2")
+        return None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def setup(self, ctx: WorkerContext) -> None:
+        set_dist_env(ctx)
+        applied = cpu.install_ray_stub()
+        if ctx.device == "cpu":
+            os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # ENGINE_REGISTRY (0.9): the lookup key only
+            applied += cpu.install_cpu_platform()
+        import torch
+        import torch.distributed as dist
+
+        if ctx.device == "cuda":
+            torch.cuda.set_device(ctx.local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size)
+        import verl
+
+        ctx.state["version"] = getattr(verl, "__version__", "unknown")
+        applied += cpu.patch_attention_utils()  # only where flash_attn is missing (always on CPU)
+        if ctx.device == "cpu":
+            applied += cpu.patch_cpu_memory_stats()
+            applied += cpu.patch_fsdp1_sync_module_states()
+        ctx.state["patches"] = [p.target for p in applied]
+
+    # ------------------------------------------------------------------------------------------------------------
+    def drive(self, spec: Spec, init_path: Path, ctx: WorkerContext) -> Driven:
+        k: VerlKnobs = spec.knobs_for(self.name)
+        version = ctx.state["version"]
+        run_patches = list(ctx.state.get("patches", []))
+        notes: list[str] = []
+        impl = self.resolve_impl(k)
+        if impl != k.impl:
+            notes.append(f"impl = 'auto' resolved to {impl!r} (verl {version}'s default for this path)")
+        k = dataclasses.replace(k, impl=impl)  # type: ignore[arg-type]
+        if spec.optimizer.clip_grad_norm == 0:
+            notes.append(f"clip_grad_norm = 0: verl has no 'off' switch, clip set to {CLIP_OFF:g} (coefficient 1)")
+        if k.impl == "engine" and release(version) < (0, 7):
+            raise RuntimeError(f"verl {version} has no model-engine TrainingWorker (>= 0.7); use impl = 'legacy'")
+        path = importlib.import_module(f"{__package__}.{PATHS[(k.path, k.impl)]}")
+        steps, extra = path.drive(spec, init_path, ctx, k, run_patches, notes)
+        return Driven(steps=steps, framework_version=version,
+                      code_path=f"{path.CODE_PATH} [{k.strategy}, use_remove_padding={k.use_remove_padding}]",
+                      readout=READOUTS[0], patches=self.patches_applied(run_patches, k), warnings=notes, extra=extra)
+
+    @staticmethod
+    def patches_applied(run_patches: list[str], k: VerlKnobs) -> list[str]:
+        """Every patch in force in this process (they persist across runs), plus the config-only ones of this run;
+        FSDP1's check skip only where FSDP1 ran."""
+        out = set(run_patches) | {p.target for p in cpu.APPLIED}
+        if k.strategy != "fsdp1":
+            out.discard(cpu.FSDP1_SYNC.target)
+        return sorted(out)
+
+    @staticmethod
+    def resolve_impl(k: VerlKnobs) -> str:
+        if k.impl != "auto":
+            return k.impl
+        if k.path == "sft":
+            return "legacy" if has_module("verl.trainer.fsdp_sft_trainer") else "engine"
+        if k.path == "actor":
+            return "legacy" if has_module("verl.workers.actor.dp_actor") else "engine"
+        return "engine"
