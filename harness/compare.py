@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import data as D
 from .diff import DictDiff, dict_diff, scalar_rel, subtract
@@ -19,7 +19,7 @@ from .tolerance import Bound
 if TYPE_CHECKING:
     import torch
 
-Verdict = str  # "agree" | "diverge" | "error" | "unsupported"
+Verdict = Literal["agree", "diverge", "error", "unsupported"]
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """One `stepdiff` namespace mapped onto adapters/, harness/, reports/ and cases/, in wheel and editable installs.
 
-Each install goes into a fresh virtual environment that sees the host's torch and transformers (system site
-packages) but gets stepdiff itself only from the wheel or the editable install under test; a real worker is then
-launched from it, which proves the worker bootstrap finds the packages wherever they were installed.
+Each install goes into a fresh virtual environment that sees the packages of the environment running the tests (torch,
+transformers, safetensors: a virtual environment, a system install or a fresh clone's CI alike) but gets stepdiff
+itself only from the wheel or the editable install under test; a real worker is then launched from it, which proves
+the worker bootstrap finds the packages wherever they were installed.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,18 +20,37 @@ from stepdiff.harness.envs import uv_binary
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
-import json, stepdiff, stepdiff.harness.spec, stepdiff.adapters.base, stepdiff.reports.terminal
+import json, pkgutil, importlib, stepdiff, stepdiff.harness.spec, stepdiff.adapters.base, stepdiff.reports.terminal
 from importlib.resources import files
+from stepdiff.harness.registry import adapter_names, get_adapter, knob_class
+# every adapter module (the per-framework subpackages too) imports without its framework
+modules = [m.name for m in pkgutil.walk_packages(stepdiff.adapters.__path__, "stepdiff.adapters.")]
+for m in modules:
+    importlib.import_module(m)
+adapters = {n: get_adapter(n).__module__ for n in adapter_names()}
+knobs = [knob_class(n) for n in adapter_names()]
 print(json.dumps({"harness": stepdiff.harness.__file__, "adapters": stepdiff.adapters.__file__,
                   "cases": sorted(p.name for p in files("stepdiff.cases").iterdir() if p.name.endswith(".toml")),
-                  "version": stepdiff.__version__}))
+                  "version": stepdiff.__version__, "modules": modules, "registered": adapters}))
 """
 
 
 def make_venv(path: Path) -> Path:
+    """A fresh venv that also sees the running environment's packages.
+
+    `--system-site-packages` alone is not enough: a venv made from a venv's python gets the *base* interpreter's
+    site-packages, which lack what the running venv installed (safetensors, transformers). So a .pth file in the new
+    venv appends the running environment's own site-packages to sys.path. Only the lines of that .pth are added:
+    the running environment's .pth files (its own editable stepdiff finder included) are not processed, and the new
+    venv's site-packages stay first on sys.path, so stepdiff comes from the install under test."""
     subprocess.run([uv_binary(), "venv", "--quiet", "--system-site-packages", "--python", sys.executable, str(path)],
                    check=True)
-    return path / "bin" / "python"
+    python = path / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    running = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (Path(site) / "_running_environment.pth").write_text("".join(f"{p}\n" for p in running))
+    return python
 
 
 def probe(python: Path) -> dict:
@@ -65,6 +86,9 @@ def test_install_modes(tmp_path: Path, mode: str) -> None:
         assert info["harness"] == str(ROOT / "harness" / "__init__.py")
         assert info["adapters"] == str(ROOT / "adapters" / "__init__.py")
     assert "deepspeed-zero2-offload-ga4.toml" in info["cases"]
+    for sub in ("deepspeed", "openrlhf", "trl", "verl"):  # the subpackages are in the wheel and the editable map
+        assert f"stepdiff.adapters.{sub}.adapter" in info["modules"], info["modules"]
+        assert info["registered"][sub] == f"stepdiff.adapters.{sub}.adapter"
     assert info["version"] != "0.0.0+unknown"
     version = subprocess.run([str(tmp_path / "venv" / "bin" / "stepdiff"), "--version"], capture_output=True,
                              text=True, check=True)
