@@ -22,9 +22,10 @@ FRAMEWORKS = {"deepspeed", "openrlhf", "trl", "verl", "accelerate", "peft", "fla
               "tensordict"}
 HEAVY = FRAMEWORKS | {"torch", "transformers", "safetensors", "numpy"}
 ADAPTER_MAY_IMPORT = {"stepdiff.harness.spec", "stepdiff.harness.record", "stepdiff.harness.data",
-                      "stepdiff.harness.model"}
-"""What an adapter may take from the harness: the contracts (spec, record, data placement) and the model config the
-shared initial weights were written for (harness.model.hf_config)."""
+                      "stepdiff.harness.model", "stepdiff.harness.sketch"}
+"""What an adapter may take from the harness: the contracts (spec, record, data placement), the model config the
+shared initial weights were written for (harness.model.hf_config) and the sketch format of the reference's recorded
+contributions (harness.sketch, a record format for real-size models)."""
 COMPARISON = ("diff", "tolerance", "signatures", "compare")
 
 
