@@ -101,6 +101,8 @@ def knob_domain(adapter: str, knob: str, base_value: Any) -> tuple[Any, ...]:
         listed = tuple(declared[knob])
         return (base_value, *[v for v in listed if v != base_value]) if listed else (base_value,)
     cls = knob_class(adapter)
+    if cls is None:
+        raise ValueError(f"adapter {adapter!r} takes no knobs (asked for {knob!r})")
     f = {x.name: x for x in dataclasses.fields(cls)}[knob]
     tp = typing.get_type_hints(cls)[knob]
     values: tuple[Any, ...]
