@@ -36,8 +36,9 @@ The threshold expression (`--fail`), comma-separated terms, each a condition tha
 Numeric metrics (each the maximum over the run's steps): grad_rel, update_rel, loss_rel, grad_norm_rel (relative
 errors against the reference), fit_residual (share of the gradient no micro-batch re-weighting explains), and weights
 (absolute only). Categorical: verdict, signature, token_signature. Ratios and percentages compare against
-max(baseline, RATIO_FLOOR), so a bitwise-exact baseline does not turn 1e-12 of noise into an infinite ratio. A number
-missing on one side (a run that errored) is reported, and fails only through verdict!=same.
+max(baseline, 1e-9), so a bitwise-exact baseline (0) does not turn rounding noise into an infinite ratio. A number
+missing on one side (a run that errored) is reported, and fails only through verdict!=same. Exit codes: 0 nothing
+crossed, 6 a threshold crossed, 3 the two results ran different specs (or bad input).
 """
 
 EXIT_REGRESSION = 6
