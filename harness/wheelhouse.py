@@ -211,7 +211,10 @@ def build_offline(d: Path, requirements: list[str], steps: list[list[str]], buil
         torch_source = "host-site-packages"
         purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                  capture_output=True, text=True, check=True).stdout.strip()
-        Path(purelib, "_stepdiff_host_site.pth").write_text("\n".join(host_site_packages()) + "\n")
+        # addsitedir, not bare paths: the host's own .pth files must run too (setuptools' distutils shim, which
+        # DeepSpeed's op builder imports on Python >= 3.12)
+        lines = [f"import site; site.addsitedir({p!r})" for p in host_site_packages()]
+        Path(purelib, "_stepdiff_host_site.pth").write_text("\n".join(lines) + "\n")
     for args in [first, *steps]:
         proc = subprocess.run([*pip, "install", "--no-index", "--find-links", str(wheelhouse),
                                "--no-build-isolation", *args], capture_output=True, text=True, env=env)
