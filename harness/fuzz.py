@@ -223,7 +223,7 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
     if profile not in PROFILES:
         raise UsageError(f"--profile {profile!r}: known profiles are {', '.join(PROFILES)}")
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    space = ST.build_space(base, pin.name, pin.version, vary, fix, limits)
+    space = ST.build_space(base, pin.name, pin.version, vary, fix, limits, pin.extra)
     the_prop = P.get_property(prop) if prop else None
     if the_prop is not None:
         why = the_prop.needs(space)

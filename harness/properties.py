@@ -222,7 +222,8 @@ def _noop_knobs(space: ST.Space) -> list[tuple[str, tuple[Any, ...]]]:
     for dim in space.active:
         section, _, knob = dim.partition(".")
         if section == space.adapter:
-            domain = ST.knob_domain(space.adapter, knob, ST.base_value(space.base, dim, space.adapter))
+            domain = ST.knob_domain(space.adapter, knob, ST.base_value(space.base, dim, space.adapter),
+                                    space.version, space.extra_pins)
             if len(domain) > 1:
                 out.append((knob, domain))
     return out

@@ -70,6 +70,8 @@ class Space:
     """Dimensions drawn, in drawing order."""
     fixed: Mapping[str, Any] = field(default_factory=dict)
     """Dimensions pinned to a value (--fix FIELD=VALUE)."""
+    extra_pins: tuple[str, ...] = ()
+    """The other pins of the framework's version set (some knobs need a package there)."""
 
     def is_active(self, dim: str) -> bool:
         return dim in self.active
@@ -93,10 +95,14 @@ def world_sizes(adapter: str, limits: Limits) -> list[int]:
     return [w for w in found if w <= limits.max_world_size] or [1]
 
 
-def knob_domain(adapter: str, knob: str, base_value: Any) -> tuple[Any, ...]:
-    """Values a knob is fuzzed over, the base value first. From the adapter's `fuzz_knobs` when it names the knob,
-    else from the knob's type: every Literal choice, both booleans, a small integer range, or the base value alone."""
+def knob_domain(adapter: str, knob: str, base_value: Any, version: str | None = None,
+                extra_pins: tuple[str, ...] = ()) -> tuple[Any, ...]:
+    """Values a knob is fuzzed over, the base value first. From the adapter's `fuzz_knobs` (a dict, or a classmethod
+    of (version, extra_pins) returning one) when it names the knob, else from the knob's type: every Literal choice,
+    both booleans, a small integer range, or the base value alone."""
     declared = getattr(get_adapter(adapter), "fuzz_knobs", None) or {}
+    if callable(declared):
+        declared = declared(version, extra_pins)
     if knob in declared:
         listed = tuple(declared[knob])
         return (base_value, *[v for v in listed if v != base_value]) if listed else (base_value,)
@@ -168,7 +174,8 @@ KEEP = object()
 
 
 def build_space(base: Spec, adapter: str, version: str | None = None, vary: Sequence[str] = (),
-                fix: Mapping[str, Any] | None = None, limits: Limits | None = None) -> Space:
+                fix: Mapping[str, Any] | None = None, limits: Limits | None = None,
+                extra_pins: tuple[str, ...] = ()) -> Space:
     """The space of a campaign. `vary` narrows the drawn dimensions (default: `default_dimensions`); `fix` pins some.
     Unknown names and values the spec refuses are usage errors naming the field."""
     limits = limits or Limits()
@@ -186,7 +193,7 @@ def build_space(base: Spec, adapter: str, version: str | None = None, vary: Sequ
     active = [d for d in (known if vary else default_dimensions(base, adapter)) if not vary or d in vary]
     active = [d for d in active if d not in fix]
     pinned = {k: (base_value(base, k, adapter) if v is KEEP else v) for k, v in fix.items() if k != "data.samples"}
-    space = Space(base, adapter, version, limits, tuple(active), pinned)
+    space = Space(base, adapter, version, limits, tuple(active), pinned, tuple(extra_pins))
     try:
         apply(space, dict(pinned))
     except SpecError as e:
@@ -267,7 +274,7 @@ def draw(data: Any, space: Space, preset: Mapping[str, Any] | None = None) -> di
     for knob in _knob_defaults(ad):
         dim = f"{ad}.{knob}"
         if on(dim):
-            cfg[dim] = _choice(data, dim, cur(dim), knob_domain(ad, knob, cur(dim)))
+            cfg[dim] = _choice(data, dim, cur(dim), knob_domain(ad, knob, cur(dim), space.version, space.extra_pins))
     if on("data.seed"):
         cfg["data.seed"] = _count(data, "data.seed", 0, 2**16)
     if on("data.samples"):
@@ -285,7 +292,8 @@ def sample_count(space: Space, cfg: Mapping[str, Any]) -> int:
 
 
 def draw_samples(data: Any, space: Space, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The samples' shape: per-sample lengths (generated bases) or order + edits (explicit bases)."""
+    """The samples' shape: per-sample lengths (generated bases) or order + edits (explicit bases). Drawn as one
+    strategy, so Hypothesis can simplify every sample at once while shrinking (one run instead of one per length)."""
     from hypothesis import strategies as st
 
     base, lim = space.base, space.limits
@@ -293,21 +301,14 @@ def draw_samples(data: Any, space: Space, cfg: Mapping[str, Any]) -> dict[str, A
     if base.data.samples:
         nb = len(base.data.samples)
         order = data.draw(st.permutations(range(nb)), label="data.samples.order")
-        edits = []
-        for i in range(n):
-            s = base.data.samples[order[i % nb]]
-            trim = _count(data, f"data.samples[{i}].trim", 0, len(s.response) - 1)
-            extend = _count(data, f"data.samples[{i}].extend", 0, lim.max_extend)
-            edits.append([trim, extend])
-        return {"order": list(order), "edits": edits}
-    dpo = base.loss.kind == "dpo"
-    lengths = []
-    for i in range(n):
-        p = _count(data, f"data.samples[{i}].prompt_len", 1, lim.max_prompt_len)
-        r = _count(data, f"data.samples[{i}].response_len", 1, lim.max_response_len)
-        lengths.append([p, r, _count(data, f"data.samples[{i}].rejected_len", 1, lim.max_response_len)] if dpo
-                       else [p, r])
-    return {"lengths": lengths}
+        edits = data.draw(st.tuples(*[st.tuples(st.integers(0, len(base.data.samples[order[i % nb]].response) - 1),
+                                                st.integers(0, lim.max_extend)) for i in range(n)]),
+                          label="data.samples.edits")
+        return {"order": list(order), "edits": [list(e) for e in edits]}
+    width = 3 if base.loss.kind == "dpo" else 2  # prompt, response (, rejected) lengths
+    one = st.tuples(st.integers(1, lim.max_prompt_len), *[st.integers(1, lim.max_response_len)] * (width - 1))
+    lengths = data.draw(st.tuples(*[one] * n), label="data.samples.lengths")
+    return {"lengths": [list(x) for x in lengths]}
 
 
 # --------------------------------------------------------------------------------------------------------------

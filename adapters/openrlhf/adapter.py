@@ -55,6 +55,8 @@ class OpenRLHFAdapter(Adapter):
     # The conformance kit's knobs: torch AdamW through DeepSpeed's torch_adam switch (no JIT compile). The kit's
     # spec must also use optimizer.name = "adamw" (OpenRLHF has no SGD), e.g. lr = eps = 1 so the update ~ -g.
     conformance_knobs = {"adam_impl": "torch"}
+    # `stepdiff fuzz` never draws the black-box read-out: it needs a large eps to be well conditioned
+    fuzz_knobs: dict[str, tuple[object, ...]] = {"readout": ()}
     conformance_optimizer = {"name": "adamw", "lr": 1.0, "eps": 1.0}
 
     # ---------------------------------------------------------------------------------------------------------

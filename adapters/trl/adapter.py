@@ -32,6 +32,14 @@ LOSS_KIND = {"sft": "sft", "dpo": "dpo", "grpo": "policy"}
 class TRLAdapter(Adapter):
     name = "trl"
     version_dists = ("trl", "accelerate", "datasets", "deepspeed")
+
+    @classmethod
+    def fuzz_knobs(cls, version: str | None, extra_pins: tuple[str, ...]) -> dict[str, tuple[object, ...]]:
+        """Knob values `stepdiff fuzz` draws: the trainer follows loss.kind; DeepSpeed only when the version set
+        pins it (otherwise the environment has no deepspeed)."""
+        has_ds = any(p.split("==")[0].strip().lower() == "deepspeed" for p in extra_pins)
+        return {"trainer": (), "deepspeed_zero_stage": (0, 1, 2) if has_ds else (),
+                "offload_optimizer": ("none", "cpu") if has_ds else ()}
     capabilities = Capabilities(
         framework="trl",
         runs="trl.SFTTrainer(model, SFTConfig, pre-tokenised input_ids+completion_mask, completion_only_loss=True; "

@@ -82,6 +82,7 @@ def _deps(version: str | None) -> list[str]:
 
 class VerlAdapter(Adapter):
     name = "verl"
+    fuzz_knobs: dict[str, tuple[object, ...]] = {"path": ()}  # `stepdiff fuzz`: the path follows loss.kind
     version_dists = ("verl", "tensordict", "numpy")
     capabilities = Capabilities(
         framework="verl",
