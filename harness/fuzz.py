@@ -269,7 +269,7 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
                     _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unsupported",
                                     f"{label + ': ' if label else ''}{why}"))
                     reject()
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline and c.runs > 0:  # at least one run, always
                 c.stopped = f"max time {max_time:g} s reached"
                 reject()
             t1 = time.monotonic()

@@ -31,7 +31,7 @@ def campaign(case: str, pin: str, tmp_path: Path, **kw: Any) -> Campaign:
 
 
 def test_fuzz_finds_and_shrinks_the_offload_bug(tmp_path: Path) -> None:
-    small = {"vary": ["batch.grad_accum", "batch.micro_batch_size", "data.samples"], "examples": 6}
+    small: dict[str, Any] = {"vary": ["batch.grad_accum", "data.samples"], "examples": 5}
     found = campaign(OFFLOAD, "deepspeed==0.18.9", tmp_path, **small)
     assert found.failing is not None and found.failing.verdict == "diverge"
     saved = S.load(found.saved_case)
@@ -45,8 +45,8 @@ def test_fuzz_finds_and_shrinks_the_offload_bug(tmp_path: Path) -> None:
     assert len(doc["examples"]) == len(found.examples) and doc["failing"]["changed_from_base"]["batch.grad_accum"] == 3
     assert all("max_rel_error" in e and "config" in e for e in doc["examples"])
     clean = campaign(OFFLOAD, "deepspeed==0.19.8", tmp_path, **small)
-    assert clean.failing is None and clean.runs == 6 and all(e.verdict == "agree" for e in clean.examples)
-    assert {e.config["batch.grad_accum"] for e in clean.examples} >= {3, 4}  # the fixed release saw GA >= 3 too
+    assert clean.failing is None and clean.runs == 5 and all(e.verdict == "agree" for e in clean.examples)
+    assert max(e.config["batch.grad_accum"] for e in clean.examples) >= 3  # the fixed release saw GA >= 3 too
 
 
 @pytest.mark.slow
