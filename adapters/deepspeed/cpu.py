@@ -1,5 +1,5 @@
-"""DeepSpeed's CPU patches, shared by every adapter that runs DeepSpeed's engine (DeepSpeed itself, OpenRLHF's
-strategy, TRL through accelerate). Neither touches the gradient path under test."""
+"""DeepSpeed's host patches (CPU, and one for CUDA hosts), shared by every adapter that runs DeepSpeed's engine
+(DeepSpeed itself, OpenRLHF's strategy, TRL through accelerate). None touches the gradient path under test."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ DETACH_FLAT_BUFFERS = Patch(
     "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned", "result .detach()ed",
     "0.18.7-0.18.9 crash at world size >= 2 with gloo on torch 2.13 (in-place write into a view of the flat bit16 "
     "buffer in the step's all-gather); 0.19.0 adds the same detach upstream; not on the gradient path")
-PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS)
+ARCH_LIST = Patch(
+    "TORCH_CUDA_ARCH_LIST (environment of the worker)", "architecture suffixes dropped ('9.0a' -> '9.0'; CUDA only)",
+    "DeepSpeed's op builder (compute_capability_args, 0.19.6 on an H200 image that sets '9.0a') parses each entry "
+    "as integers and fails, so its JIT ops (FusedAdam, OpenRLHF's default) never build; the suffix only enables "
+    "arch-specific instructions those kernels do not use")
+PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS, ARCH_LIST)
 
 
 def select_accelerator(device: str) -> None:
@@ -51,6 +56,20 @@ def detach_flat_buffers() -> list[Patch]:
     return [DETACH_FLAT_BUFFERS]
 
 
+def plain_arch_list() -> list[Patch]:
+    """Before any JIT build: '8.0;9.0a+PTX' -> '8.0;9.0+PTX' (only when a suffix is there)."""
+    import re
+
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    plain = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
+    if plain == value:
+        return []
+    os.environ["TORCH_CUDA_ARCH_LIST"] = plain
+    return [ARCH_LIST]
+
+
 def apply(device: str) -> list[Patch]:
-    """Both patches (the shm op only on CPU): the ones actually applied."""
-    return (skip_shm_op_build() if device == "cpu" else []) + detach_flat_buffers()
+    """The patches this device needs (the shm op only on CPU, the arch list only on CUDA): the ones applied."""
+    if device == "cpu":
+        return skip_shm_op_build() + detach_flat_buffers()
+    return plain_arch_list() + detach_flat_buffers()
