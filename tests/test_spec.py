@@ -93,3 +93,78 @@ def test_generated_samples_are_seeded() -> None:
     assert D.samples(a) == D.samples(a)
     assert D.samples(a) != D.samples(a.replace(data__seed=7))
     assert all(s.response[-1] == 1 for s in D.samples(a))
+
+
+@pytest.mark.parametrize(
+    ("raw", "starts", "needle"),
+    [
+        ({"run": {"rel_tolerance": float("inf")}}, "run.rel_tolerance = inf", "not a finite number"),
+        ({"run": {"rel_tolerance": 1e9}}, "run.rel_tolerance = 1000000000.0", "above the float32 ceiling 0.01"),
+        ({"model": {"dtype": "bfloat16"}, "run": {"rel_tolerance": 0.5}}, "run.rel_tolerance", "ceiling 0.2"),
+        ({"run": {"timeout_s": float("nan")}}, "run.timeout_s = nan", "not a finite number"),
+        ({"optimizer": {"lr": float("-inf")}}, "optimizer.lr = -inf", "not a finite number"),
+        ({"data": {"samples": [{"prompt": [5], "response": [6], "advantage": float("nan")}]}},
+         "data.samples[0].advantage = nan", "finite"),
+        ({"model": {"vocab_size": 2**31}}, "model.vocab_size = 2147483648", "ceiling 262144"),
+        ({"model": {"num_layers": 2**31}}, "model.num_layers", "ceiling 256"),
+        ({"batch": {"micro_batch_size": 10**12}}, "batch.micro_batch_size", "ceiling 4096"),
+        ({"batch": {"grad_accum": 4096, "steps": 1000}}, "batch = '4096000 samples'", "ceiling of 100000 samples"),
+        ({"model": {"hidden_size": 8192, "intermediate_size": 30000, "num_layers": 64}}, "model = ",
+         "above the cpu ceiling"),
+        ({"data": {"response_len": [1, 100000]}, "model": {"max_position_embeddings": 131072},
+          "batch": {"grad_accum": 200}}, "data = ", "more than 10000000 tokens"),
+        ({"faults": 5}, "faults = 5", "expected a table"),
+        ({"knobs": 5}, "knobs = 5", "expected a table of knob tables"),
+        ({"deepspeed": "x"}, "deepspeed = 'x'", "expected a table"),
+        ({"case": 5}, "case = 5", "expected a table"),
+        ({"batch": {"grad_accum": {"a": 1}}}, "batch.grad_accum", "a table where a value is expected"),
+        ({"case": {"name": ["x"]}}, "case.name", "a list where a single value is expected"),
+        ({"deepspeed": {"zero_stage": 2}, "knobs": {"deepspeed": {"zero_stage": 3}}}, "deepspeed", "knobs given twice"),
+        ({"case": {"name": "../../x"}}, "case.name = '../../x'", "not usable as a file name"),
+        ({"case": {"name": "/abs/path"}}, "case.name", "not usable as a file name"),
+        ({"case": {"name": "a\nb"}}, "case.name = 'a\\nb'", "not usable as a file name"),
+        ({"a": {"b": {"c": {"d": {"e": {"f": {"g": 1}}}}}}}, "a.b.c.d.e.f", "nested deeper than 6 levels"),
+        ({"data": {"samples": [{"prompt": [5], "response": [6], "truncated": True}]}, "rl": {"mask_truncated": True}},
+         "data.samples = 'step 0'", "supervises no token"),
+        ({"model": {"rope_theta": 10**400}}, "model.rope_theta", "not a finite number"),
+        ({"case": {"description": "x" * 20000}}, "case.description = 'xxxx", "longer than 10000 characters"),
+    ],
+)
+def test_the_loader_refuses_what_it_cannot_honour(raw: dict, starts: str, needle: str) -> None:
+    with pytest.raises(SpecError) as e:
+        S.from_dict(raw)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 500, msg
+    assert msg.startswith(starts), msg
+    assert needle in msg and "; fix: " in msg, msg
+
+
+def test_files_that_are_not_regular_utf8_text_are_refused(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "bin.toml").write_bytes(b'[case]\nname = "\xff\xfe"\n')
+    os.mkfifo(tmp_path / "fifo.toml")
+    (tmp_path / "deep.toml").write_text("x = " + "[" * 3000 + "]" * 3000)
+    (tmp_path / "big.toml").write_bytes(b"#" * (S.MAX_CASE_BYTES + 1))
+    for name, needle in (("bin.toml", "is not UTF-8 text (byte 15)"), ("fifo.toml", "not a regular file"),
+                         ("deep.toml", "nested deeper than 6 levels"), ("big.toml", "byte ceiling of a case file"),
+                         ("", "is a directory")):
+        with pytest.raises(SpecError) as e:
+            S.load(tmp_path / name)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(SpecError, match="not a regular file"):
+        S.load("/dev/zero")
+
+
+def test_names_become_safe_path_components(tmp_path: Path) -> None:
+    from stepdiff.harness.errors import UsageError
+    from stepdiff.harness.safepath import component, inside
+
+    for name in ("../../x", "/etc/passwd", "..", ".", "", "a\x00b", "x" * 500, "trl==1.16.0,deepspeed>=0.18"):
+        c = component(name)
+        assert "/" not in c and c not in (".", "..") and not c.startswith(".") and 0 < len(c) <= 100, (name, c)
+        assert inside(tmp_path, name).parent == tmp_path
+    assert component("deepspeed-0.19.8") == "deepspeed-0.19.8"
+    (tmp_path / "evil").symlink_to("/")  # a folder already there that points elsewhere does not count as inside
+    with pytest.raises(UsageError):
+        inside(tmp_path, "evil")
