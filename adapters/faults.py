@@ -1,8 +1,9 @@
 """The `faults` adapter: a self-test that reproduces failure modes, so the harness can prove it never passes them.
 
 It computes the correct step with the reference's code, in the host's python, and then misbehaves as its `mode` knob
-says: crash (the process dies), hang (never answers), exception, nan (a NaN gradient), missing (a parameter's
-gradient absent), no-step (parameters unchanged), or a synthetic numeric fault (scale the gradient, drop a
+says (on every rank, or only on rank `rank`): crash (the process dies), hang (never answers), exception, nan (a NaN
+gradient), missing (a parameter's gradient absent), zero-filled (a parameter's gradient replaced by zeros, as a
+read-out that found none), no-step (parameters unchanged), or a synthetic numeric fault (scale the gradient, drop a
 micro-batch, supervise pad tokens, decay weights whatever the learning rate) that must be caught as a divergence.
 It wraps no framework; `stepdiff list` says so.
 """
@@ -25,21 +26,22 @@ from .reference import ReferenceAdapter
 @dataclass(frozen=True)
 class FaultKnobs:
     mode: Literal["none", "crash", "hang", "exception", "nan", "missing", "no-step", "scale", "drop",
-                  "mask-first", "pad-supervised", "decay-without-lr"] = doc("none", "What goes wrong.")
+                  "mask-first", "pad-supervised", "decay-without-lr", "zero-filled"] = doc("none", "What goes wrong.")
     scale: float = doc(2.0, "mode=scale: factor applied to every gradient and update.")
     drop: int = doc(1, "mode=drop: index of the micro-batch (rank 0) whose contribution is removed.", minimum=0)
+    rank: int = doc(-1, "Only this rank misbehaves (the others run correctly); -1 = every rank.", minimum=-1)
 
 
 class FaultsAdapter(Adapter):
     name = "faults"
     host_env = True
-    fuzz_knobs: dict[str, tuple[object, ...]] = {"mode": (), "scale": (), "drop": ()}  # the case picks the fault
+    fuzz_knobs: dict[str, tuple[object, ...]] = {"mode": (), "scale": (), "drop": (), "rank": ()}  # the case picks
     capabilities = Capabilities(
         framework="none (self-test)",
         runs="the reference's own code, then a chosen failure: crash, hang, exception, NaN, missing gradient, "
              "skipped step, scaled gradient or dropped micro-batch",
         readouts=("as the reference",),
-        knobs=("mode", "scale", "drop"),
+        knobs=("mode", "scale", "drop", "rank"),
         world_sizes="1, 2",
         pad_to=True,
         dtypes=("float32", "bfloat16"),
@@ -51,6 +53,8 @@ class FaultsAdapter(Adapter):
         import torch
 
         k: FaultKnobs = spec.knobs_for(self.name)
+        if k.rank >= 0 and ctx.rank != k.rank:
+            k = FaultKnobs()  # this rank behaves
         if k.mode == "crash":
             print("faults: simulated crash of the framework process", flush=True)
             os._exit(3)
@@ -99,6 +103,8 @@ class FaultsAdapter(Adapter):
             st.grads[name][0] = float("nan")
         elif k.mode == "missing":
             del st.grads[name]
+        elif k.mode == "zero-filled":  # a read-out that found no gradient and wrote zeros in its place
+            st.grads[name] = torch.zeros_like(st.grads[name])
         elif k.mode == "no-step":
             from safetensors.torch import load_file
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import pins
 from .errors import UsageError
 from .registry import adapter_names, get_adapter
 from .runner import FrameworkPin, run_case
@@ -71,13 +72,20 @@ def parse_target(text: str) -> Target:
     if version.strip() in ("", "*"):
         if starred:
             raise UsageError(f"bisect {text!r}: bisect one package at a time (pin {name} to a version)")
-        extra = tuple(p for p in rest)
+        extra = tuple(_checked(p, text) for p in rest)
         return Target(name, own, None, extra)
     if len(starred) != 1:
         raise UsageError(f"bisect {text!r}: mark the package to bisect with ==*, e.g. 'trl==1.16.0,transformers==*'")
     package = starred[0].split("==")[0].strip().lower()
-    extra = tuple(p for p in rest if p not in starred)
+    pins.requirement(package, "bisect", text)  # a plain distribution name, nothing else
+    extra = tuple(_checked(p, text) for p in rest if p not in starred)
     return Target(name, package, version.strip(), extra)
+
+
+def _checked(piece: str, text: str) -> str:
+    """A held pin as PEP 508 name + specifier (options, URLs, markers refused, as for every pin)."""
+    dist, spec = pins.requirement(piece, "bisect", text)
+    return f"{dist}{spec}"
 
 
 def _vkey(v: str) -> Any:

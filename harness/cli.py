@@ -1,20 +1,32 @@
 """The `stepdiff` command line. Heavy imports happen inside the verbs so `stepdiff --help` stays instant.
 
-Exit codes: 0 all agree, 1 a divergence, 2 a framework error (crash, hang, NaN, incomplete record), 3 usage error
-(bad case file, unknown framework, a version that does not install), 4 a knob a framework cannot honour.
+Exit codes (stepdiff.harness.outcome, README "Exit codes"): 0 all agree, 1 a divergence, 2 a framework error (crash,
+hang, NaN, incomplete record), 3 usage error (bad case file or arguments, unknown framework, a version that does not
+install, an output path that cannot be written), 4 a knob a framework cannot honour, 5 an internal error of stepdiff
+itself (one line; the traceback with --debug), 128 + N when stopped by signal N (130 SIGINT, 143 SIGTERM).
+Everything the user gave is checked before any work starts: case files, pins, output paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import signal
 import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError, one_line
+from .outcome import EXIT_INTERNAL, EXIT_USAGE, exit_code, exit_code_for_signal, signal_name
 
-EXIT_USAGE = 3
+REPORT_TO = ("please report it to the stepdiff maintainers (the issue tracker of the repository you installed "
+             "stepdiff from) with the command line and the output of the same command with --debug")
 
 
 def resolve_case(arg: str) -> Path:
@@ -39,33 +51,102 @@ def bundled_cases() -> list[Path]:
     return sorted(Path(str(x)) for x in files("stepdiff.cases").iterdir() if x.name.endswith(".toml"))
 
 
+def check_output_file(path: str, flag: str) -> Path:
+    """An output file the run will write at the end, checked now: a run must not fail after the work is done."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; fix: give a file path")
+    if p.exists() and not p.is_file():
+        raise UsageError(f"{flag} {path}: not a regular file; fix: give a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {parent} does not exist; fix: create it or write elsewhere")
+    try:  # really try: permission bits say nothing to root or on read-only mounts
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".stepdiff-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if p.exists():
+            with open(p, "ab"):
+                pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be written ({e.strerror or e}); fix: write somewhere writable"
+                         ) from None
+    return p
+
+
+def check_output_dir(path: str, flag: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a folder; fix: give a folder path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".stepdiff-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be created or written ({e.strerror or e}); fix: give a writable "
+                         "folder") from None
+    return p
+
+
+def write_output(path: Path, flag: str, write: Callable[[Path], object]) -> None:
+    """Write an output file atomically (a reader never sees half a report); a failure is a one-line usage error."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: could not be written ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from stepdiff.reports.json_report import case_dict
 
     from . import outputs, progress
     from . import spec as S
     from .runner import parse_pin, run_case
+    from .safepath import inside
 
     outputs.check_run_arguments(args)
+    # everything the user gave is checked before any work starts: output paths, every case, every pin, baselines
+    for flag in ("json", "junit", "markdown", "html"):
+        value = getattr(args, flag, None)
+        if value and value != "-":
+            check_output_file(value, f"--{flag}")
+    keep = check_output_dir(args.keep, "--keep") if args.keep else None
+    if getattr(args, "save", None):
+        check_output_dir(args.save, "--save")
     if args.wheelhouse:
         _use_wheelhouse(args.wheelhouse)
-    case_docs = []
+    plan = []
     for case_arg in args.case:
         spec = S.load(resolve_case(case_arg))
         if args.device:
             spec = spec.replace(run__device=args.device)
         if args.preset:
             spec = spec.replace(model__preset=args.preset)
-        if args.timeout:
+        if args.timeout is not None:
             spec = spec.replace(run__timeout_s=args.timeout)
+        if args.reference_timeout is not None:
+            spec = spec.replace(run__reference_timeout_s=args.reference_timeout)
         pins = args.framework or list(spec.case.frameworks)
-        frameworks = [parse_pin(p) for p in pins]
+        frameworks = [parse_pin(p, "--framework" if args.framework else f"{case_arg}: case.frameworks")
+                      for p in pins]
         outputs.check_baseline(args, spec)
+        plan.append((spec, frameworks))
+    case_docs = []
+    for spec, frameworks in plan:
         with progress.display(quiet=args.quiet):
-            result = run_case(spec, frameworks, workdir=Path(args.keep) / spec.case.name if args.keep else None)
+            result = run_case(spec, frameworks, workdir=inside(keep, spec.case.name) if keep else None)
         case_docs.append(case_dict(result))  # every report is rendered from this document
         outputs.print_case(args, case_docs[-1])
-    return outputs.finish_run(args, case_docs)
+    try:
+        return outputs.finish_run(args, case_docs)
+    except OSError as e:  # checked before the run, so only a disk that filled up or vanished gets here
+        raise UsageError(f"the reports could not be written ({e.strerror or e}); fix: free or fix the output "
+                         "location") from None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -211,6 +292,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         return 0
     if not args.case:
         raise UsageError("stepdiff fuzz: give a CASE (a case file or bundled case name)")
+    out_json = check_output_file(args.json, "--json") if args.json else None
     base = S.load(resolve_case(args.case))
     pins = args.framework or list(base.case.frameworks)
     if not pins:
@@ -219,10 +301,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     limits = Limits(max_world_size=args.max_world_size, max_grad_accum=args.max_grad_accum,
                     max_micro_batch=args.max_micro_batch, max_steps=args.max_steps)
     database = None if args.no_database else Path(args.database) if args.database else DEFAULT_DATABASE
-    _interrupt_on_sigterm()  # a killed campaign still closes its workers
     campaigns = []
-    for pin_text in pins:
-        pin = parse_pin(pin_text)
+    for pin in [parse_pin(p) for p in pins]:  # every pin checked before the first campaign
         save: Path | None = None
         if args.save_case:
             save = Path(args.save_case)
@@ -234,20 +314,11 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                  progress=Progress(pin.label, args.examples or (20 if args.profile == "ci" else 300)))
         campaigns.append(c)
         print(fuzz_summary(c), flush=True)
-    if args.json:
-        doc = {"case": base.case.name, "campaigns": [c.to_json() for c in campaigns]}
-        Path(args.json).write_text(json.dumps(doc, indent=1))
-    codes = {"agree": 0, "diverge": 1, "error": 2, "unsupported": 4}
-    return max(codes[c.verdict] for c in campaigns)
-
-
-def _interrupt_on_sigterm() -> None:
-    import signal
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    if out_json:
+        doc = json.dumps({"case": base.case.name, "campaigns": [c.to_json() for c in campaigns]}, indent=1)
+        write_output(out_json, "--json", lambda p: p.write_text(doc))
+    # SIGTERM/SIGINT are handled by main(): every worker killed, exit 128 + signal
+    return exit_code(c.verdict for c in campaigns)
 
 
 def fuzz_summary(c: Any) -> str:
@@ -291,6 +362,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     from .bisection import bisect, list_releases, parse_target
 
     t0 = time.perf_counter()
+    out_json = check_output_file(args.json, "--json") if args.json else None
     spec = S.load(resolve_case(args.case))
     if args.device:
         spec = spec.replace(run__device=args.device)
@@ -304,8 +376,9 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     result.elapsed_s = time.perf_counter() - t0
     print(result.summary())
     print(f"{len(result.probes)} probes of {len(releases)} releases in {result.elapsed_s:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=1))
+    if out_json:
+        doc = json.dumps(result.to_json(), indent=1)
+        write_output(out_json, "--json", lambda p: p.write_text(doc))
     return 0 if result.start is not None else 2
 
 
@@ -328,19 +401,57 @@ def cmd_spec_help(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with stepdiff's contract: a usage error is one line on stderr and exit 3 (argparse's own 2 is the
+    framework-error code)."""
+
+    def error(self, message: str) -> NoReturn:
+        sub = self.prog.split(" ", 1)[1] + " " if " " in self.prog else ""
+        print(f"stepdiff: error: {one_line(message)}; fix: see `stepdiff {sub}--help`", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def seconds(text: str) -> float:
+    """A finite, positive number of seconds (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds above 0")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stepdiff import __version__
 
     from . import outputs
 
-    ap = argparse.ArgumentParser(prog="stepdiff", description="Differential tester for LLM training frameworks: run "
-                                 "the same seeded optimizer steps through real frameworks and a pure-PyTorch "
-                                 "reference, and say where and how they diverge.",
-                                 epilog="exit codes: 0 agree, 1 diverge, 2 framework error, 3 usage error, "
-                                        "4 unsupported knob")
+    ap = Parser(prog="stepdiff", description="Differential tester for LLM training frameworks: run "
+                "the same seeded optimizer steps through real frameworks and a pure-PyTorch "
+                "reference, and say where and how they diverge.",
+                epilog="exit codes: 0 agree, 1 diverge, 2 framework error, 3 usage error, 4 unsupported knob, "
+                       "5 internal error of stepdiff, 6 baseline regression (compare), 128+N stopped by signal N")
     ap.add_argument("--version", action="version", version=f"stepdiff {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser("run", help="run case(s) through frameworks and the reference, and compare")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    def verb(name: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    run = verb("run", help="run case(s) through frameworks and the reference, and compare")
     run.add_argument("case", nargs="+", help="case file path or bundled case name (see `stepdiff cases`)")
     run.add_argument("--framework", "-f", action="append", metavar="NAME==VERSION",
                      help="framework run (repeatable); default: the case's case.frameworks")
@@ -350,17 +461,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--markdown", metavar="PATH", help="write a Markdown report, sized for a PR comment or "
                      "$GITHUB_STEP_SUMMARY ('-' for stdout)")
     run.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
-    run.add_argument("--timeout", type=float, metavar="S", help="override run.timeout_s")
+    run.add_argument("--timeout", type=seconds, metavar="S", help="override run.timeout_s (each framework run)")
+    run.add_argument("--reference-timeout", type=seconds, metavar="S",
+                     help="override run.reference_timeout_s (the reference run)")
     run.add_argument("--preset", metavar="NAME", help="override model.preset (a real-size shape, e.g. llama-160m)")
     run.add_argument("--keep", metavar="DIR", help="keep records and worker logs under DIR")
     run.add_argument("--wheelhouse", metavar="DIR", help="build environments from this wheelhouse alone (no index)")
     outputs.add_run_arguments(run)
     run.set_defaults(func=cmd_run)
-    ls = sub.add_parser("list", help="adapters, the exact piece of each framework that runs, capabilities, patches")
+    ls = verb("list", help="adapters, the exact piece of each framework that runs, capabilities, patches")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
-    env = sub.add_parser("env", help="list, build or remove cached framework environments")
-    env_sub = env.add_subparsers(dest="env_cmd", required=True)
+    env = verb("env", help="list, build or remove cached framework environments")
+    env_sub = env.add_subparsers(dest="env_cmd", required=True, parser_class=Parser)
     env_sub.add_parser("list")
     b = env_sub.add_parser("build")
     b.add_argument("pins", nargs="+", metavar="NAME==VERSION")
@@ -377,10 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm = env_sub.add_parser("remove")
     rm.add_argument("pattern", nargs="?", help="remove environments whose name contains this (default: all)")
     env.set_defaults(func=cmd_env)
-    conf = sub.add_parser("conformance", help="run the adapter conformance kit against framework runs")
+    conf = verb("conformance", help="run the adapter conformance kit against framework runs")
     conf.add_argument("pins", nargs="+", metavar="NAME==VERSION", help="framework pins, or 'reference'")
     conf.set_defaults(func=cmd_conformance)
-    fz = sub.add_parser("fuzz", help="hypothesis search of whole configurations against the reference, or of a "
+    fz = verb("fuzz", help="hypothesis search of whole configurations against the reference, or of a "
                         "metamorphic property; the minimal failure is written as a case file")
     fz.add_argument("case", nargs="?", help="base case: a case file or bundled case name")
     fz.add_argument("--framework", "-f", action="append", metavar="NAME==VERSION")
@@ -393,20 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "a value: the base case's); repeatable")
     fz.add_argument("--profile", choices=["ci", "nightly"], default="ci",
                     help="ci: 20 examples, fixed seed; nightly: 300 examples, random (default ci)")
-    fz.add_argument("--examples", type=int, help="configurations to run per framework (overrides the profile)")
+    fz.add_argument("--examples", type=positive_int, help="configurations to run per framework (overrides the profile)")
     fz.add_argument("--seed", type=int, help="hypothesis seed (default: the profile's)")
-    fz.add_argument("--max-time", type=float, metavar="S", help="stop drawing new configurations after S seconds")
+    fz.add_argument("--max-time", type=seconds, metavar="S", help="stop drawing new configurations after S seconds")
     fz.add_argument("--save-case", metavar="PATH", help="where to write the minimal failing case "
                     "(default .stepdiff/cases/fuzz-CASE-FRAMEWORK[-PROPERTY].toml; its report is saved beside it)")
     fz.add_argument("--database", metavar="DIR", help="hypothesis example database (default .stepdiff/hypothesis)")
     fz.add_argument("--no-database", action="store_true", help="neither replay nor save failing examples")
-    fz.add_argument("--max-world-size", type=int, default=2)
-    fz.add_argument("--max-grad-accum", type=int, default=4)
-    fz.add_argument("--max-micro-batch", type=int, default=3)
-    fz.add_argument("--max-steps", type=int, default=4)
+    fz.add_argument("--max-world-size", type=positive_int, default=2)
+    fz.add_argument("--max-grad-accum", type=positive_int, default=4)
+    fz.add_argument("--max-micro-batch", type=positive_int, default=3)
+    fz.add_argument("--max-steps", type=positive_int, default=4)
     fz.add_argument("--json", metavar="PATH", help="every drawn configuration, its verdict, error and signature")
     fz.set_defaults(func=cmd_fuzz)
-    bi = sub.add_parser("bisect", help="find the release that introduced (and fixed) a divergence, from the numbers")
+    bi = verb("bisect", help="find the release that introduced (and fixed) a divergence, from the numbers")
     bi.add_argument("case", help="case file or bundled case name")
     bi.add_argument("framework", help="adapter name (its package is bisected), or a version set with the bisected "
                     "package marked: 'trl==1.16.0,transformers==*'")
@@ -416,20 +529,88 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
     bi.add_argument("--json", metavar="PATH", help="every probe and the result as JSON")
     bi.set_defaults(func=cmd_bisect)
-    cases = sub.add_parser("cases", help="list the bundled cases")
+    cases = verb("cases", help="list the bundled cases")
     cases.set_defaults(func=cmd_cases)
-    sh = sub.add_parser("spec-help", help="every case-file field with its default and meaning")
+    sh = verb("spec-help", help="every case-file field with its default and meaning")
     sh.set_defaults(func=cmd_spec_help)
     outputs.add_parsers(sub)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP raise Interrupted in the main thread: the stack unwinds through every `finally`
+    (workers killed, temporary directories removed) and main() exits 128 + the signal's number."""
+    from .workers import stop_all
+
+    def handler(signum: int, frame: object) -> None:
+        for s in STOP_SIGNALS:  # cleanup is short and must not be interrupted half-way by a second signal
+            signal.signal(s, signal.SIG_IGN)
+        # kill every worker right now (no graceful shutdown of a run that may hang), then unwind: every `finally`
+        # removes its temporary directory on the way up
+        raise Interrupted(signum, stopped=stop_all())
+
     try:
-        return int(args.func(args))
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _where(exc: BaseException) -> str:
+    """Where it failed: the innermost frame, and the innermost stepdiff frame that led there when that differs."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown location"
+
+    def short(f: traceback.FrameSummary) -> str:
+        return f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} in {f.name}"
+
+    roots = tuple(str(Path(__file__).resolve().parent.parent) + d for d in ("/harness/", "/adapters/", "/reports/"))
+    ours = [f for f in frames if str(Path(f.filename).resolve()).startswith(roots) or "/stepdiff/" in f.filename]
+    where = short(frames[-1])
+    if ours and ours[-1] is not frames[-1]:
+        where += f", from {short(ours[-1])}"
+    return where
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in raw
+    from .workers import stop_all
+
+    try:
+        with stop_on_signals():
+            args = build_parser().parse_args(raw)
+            return int(args.func(args))
     except UsageError as e:
-        print(f"stepdiff: error: {e}", file=sys.stderr)
+        print(f"stepdiff: error: {one_line(e, 600)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        stopped = (e.stopped if isinstance(e, Interrupted) else []) + stop_all()
+        where = f" during {e.where}" if isinstance(e, Interrupted) and e.where else ""
+        which = f" ({'; '.join(stopped)})" if stopped else ""
+        print(f"stepdiff: interrupted by {signal_name(signum)}{where}: no verdict; every worker stopped{which}, "
+              "temporary files removed", file=sys.stderr, flush=True)
+        return exit_code_for_signal(signum)
+    except BrokenPipeError:  # stdout closed by the reader (`stepdiff list | head`): not an error of stepdiff
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
+        return exit_code_for_signal(signal.SIGPIPE)
+    except Exception as e:  # noqa: BLE001 - the contract: an internal failure has its own code, never 0 or 1
+        stop_all()
+        if debug:
+            traceback.print_exc()
+        print(f"stepdiff: internal error: {type(e).__name__}: {one_line(e, 300)} (at {_where(e)}); this is a bug in "
+              f"stepdiff, not a verdict on any framework; {REPORT_TO}"
+              + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr, flush=True)
+        return EXIT_INTERNAL

@@ -89,6 +89,10 @@ def validate_record(spec: Spec, rec: Record, ref: Record) -> None:
             missing = [n for n in names if n not in tensors]
             if missing:
                 raise WorkerError(f"step {s}: {kind} missing for {len(missing)} parameters, e.g. {missing[0]}")
+            extra = [n for n in tensors if n not in ref.steps[0].grads] if kind == "gradient" else []
+            if extra:
+                raise WorkerError(f"step {s}: {kind} recorded for {len(extra)} parameters the reference's model does "
+                                  f"not have, e.g. {extra[0]!r} (not canonical parameter names)")
             for n in names:
                 t = tensors[n]
                 if t.shape != ref.steps[0].grads[n].shape:
@@ -96,6 +100,13 @@ def validate_record(spec: Spec, rec: Record, ref: Record) -> None:
                                       f"{tuple(ref.steps[0].grads[n].shape)}")
                 if not bool(torch.isfinite(t).all()):
                     raise WorkerError(f"step {s}: {kind} {n} contains NaN/Inf")
+        if s < len(ref.steps):
+            # a read-out that found no gradient and filled in zeros is a missing gradient: an error, not a divergence
+            zero = [n for n in names if not bool(st.grads[n].any()) and bool(ref.steps[s].grads[n].any())]
+            if zero:
+                raise WorkerError(f"step {s}: gradient missing for {len(zero)} parameters (exactly zero in every "
+                                  f"element where the reference's is not), e.g. {zero[0]}: the read-out found no "
+                                  "gradient")
         if not math.isfinite(st.loss):
             raise WorkerError(f"step {s}: the framework reported a non-finite loss ({st.loss})")
         if st.grad_norm is not None and not math.isfinite(st.grad_norm):
@@ -140,6 +151,14 @@ def compare(spec: Spec, rec: Record, ref: Record, init: dict[str, torch.Tensor],
         fit, signature = fit_microbatches(spec, rec.steps[fit_step].grads, ref, fit_step)
     supervision = check_supervision(spec, rec.meta.extra.get("supervised_targets"))
     diverged = first is not None or bool(supervision)
+    if not diverged and signature is not None and signature.name != "correct":
+        # an agreeing gradient IS the correct aggregation: weights off 1 here are not identifiable (nearly collinear
+        # contributions), never a finding
+        assert fit is not None
+        note = "".join(f"; {fit.labels[i]}: no gradient contribution in the reference (weight undetermined)"
+                       for i in fit.undetermined)
+        signature = Signature("correct", "the gradient agrees within the bound; where fitted weights differ from 1 the "
+                              "contributions are nearly collinear and their weights not identifiable" + note, 0.0)
     result = RunResult(framework, version, "diverge" if diverged else "agree", "", bound, steps, first,
                        fit, fit_step, signature, supervision=supervision)
     if first is None:

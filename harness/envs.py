@@ -4,6 +4,13 @@ Torch is pinned to the host's exact version in every environment (as a constrain
 build), so no environment ever pulls another torch. uv does not read pip's configuration, so pip's configured
 find-links (where the host's torch wheel lives) are passed through explicitly. The resolved versions are written to
 `env.json`, which is also the marker of a finished build: a directory without it is a broken build and is rebuilt.
+
+Before a cached environment is used it is verified against `manifest.json`, written at the end of its build: every
+installed distribution with its version and every file it installed with its size (bytecode caches aside), plus the
+pins the request asked for. A missing or truncated file, a changed version, an unreadable env.json or a missing
+interpreter make the environment broken: it is rebuilt with a one-line notice, never run (a corrupt cache must not
+read as a framework failure). Every cached artefact is written atomically (a temporary name unique to the writer,
+then os.replace), and a build that is interrupted leaves no env.json, so it is never mistaken for a finished one.
 """
 
 from __future__ import annotations
@@ -20,12 +27,35 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from . import wheelhouse
 from .errors import EnvironmentBuildError, UsageError
 from .registry import get_adapter
 
 ENV_FORMAT = 2
+MANIFEST_FORMAT = 1
+_VERIFIED: dict[Path, float] = {}
+"""Environments verified by this process (env.json mtime): verification runs once per process and environment."""
+
+
+class BrokenEnvironment(Exception):
+    """A cached environment that no longer matches its manifest (one line: what is wrong)."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a cached artefact so that no reader ever sees it half-written and two writers never share a temporary
+    file: a name unique to this process and call, then os.replace."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def cache_root() -> Path:
@@ -151,15 +181,21 @@ def _dist_version(d: str) -> str:
 
 
 def ensure(req: EnvRequest, log: bool = True) -> Environment:
-    """The environment for `req`, built if it is not cached. Raises EnvironmentBuildError with uv's reason."""
+    """The environment for `req`: the cached one once verified against its manifest, else built (or rebuilt, with a
+    one-line notice, when the cached one is broken). Raises EnvironmentBuildError with uv's reason."""
     d = env_dir(req)
     d.parent.mkdir(parents=True, exist_ok=True)
     with open(d.parent / f".{d.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs (pytest-xdist) build each environment once
         marker = d / "env.json"
         if marker.exists():
-            info = json.loads(marker.read_text())
-            return Environment(req.label, d, str(d / "bin" / "python"), info["versions"], info["build_s"], True)
+            try:
+                info = verify(req, d)
+                return Environment(req.label, d, str(d / "bin" / "python"), info["versions"], info["build_s"], True)
+            except BrokenEnvironment as e:
+                _VERIFIED.pop(d, None)
+                print(f"stepdiff: cached environment {req.label} is broken ({e}); rebuilding it", file=sys.stderr,
+                      flush=True)
         if d.exists():
             shutil.rmtree(d)
         if log:
@@ -174,17 +210,144 @@ def ensure(req: EnvRequest, log: bool = True) -> Environment:
             else:
                 torch_source = wheelhouse.build_offline(d, list(req.requirements), [list(s) for s in req.steps],
                                                         dict(req.build_env), house, host_torch_version())
-        except EnvironmentBuildError:
+            versions = _freeze(d) if house is None else wheelhouse.freeze_offline(str(d / "bin" / "python"))
+            try:
+                _check_pins(req, versions)
+            except BrokenEnvironment as e:
+                raise EnvironmentBuildError(f"{req.label}: the installer did not honour the pins: {e}") from None
+            build_s = time.perf_counter() - t0
+            write_atomic(d / "manifest.json", json.dumps(manifest(d, versions)))
+            # env.json last: it is the marker of a finished build
+            write_atomic(marker, json.dumps({"request": asdict(req), "versions": versions, "build_s": build_s,
+                                             "python": sys.version.split()[0], "torch_source": torch_source,
+                                             "wheelhouse": str(house) if house else None}, indent=1))
+        except BaseException:  # a failed or interrupted build leaves nothing that could pass for an environment
             shutil.rmtree(d, ignore_errors=True)
             raise
-        versions = _freeze(d) if house is None else wheelhouse.freeze_offline(str(d / "bin" / "python"))
-        build_s = time.perf_counter() - t0
-        marker.write_text(json.dumps({"request": asdict(req), "versions": versions, "build_s": build_s,
-                                      "python": sys.version.split()[0], "torch_source": torch_source,
-                                      "wheelhouse": str(house) if house else None}, indent=1))
+        _VERIFIED[d] = marker.stat().st_mtime
         if log:
             print(f"stepdiff: built {req.label} in {build_s:.1f} s", file=sys.stderr, flush=True)
         return Environment(req.label, d, str(d / "bin" / "python"), versions, build_s, False)
+
+
+def site_packages(d: Path) -> Path:
+    found = sorted(d.glob("lib/python*/site-packages"))
+    if not found:
+        raise BrokenEnvironment("no lib/python*/site-packages")
+    return found[0]
+
+
+def _skip(rel: str) -> bool:
+    """Files that legitimately change after the build: bytecode caches (and anything outside site-packages)."""
+    return "__pycache__" in rel or rel.endswith((".pyc", ".pyo")) or rel.startswith("..")
+
+
+def manifest(d: Path, versions: dict[str, str]) -> dict[str, Any]:
+    """Every distribution installed in the environment, its version and the size of every file it installed."""
+    sp = site_packages(d)
+    dists: dict[str, Any] = {}
+    for dist in metadata.distributions(path=[str(sp)]):
+        name = _canonical(dist.metadata["Name"] or "")
+        files = {}
+        for f in dist.files or []:
+            rel = str(f)
+            if _skip(rel):
+                continue
+            try:
+                files[rel] = (sp / rel).stat().st_size
+            except OSError:
+                continue  # RECORD lists it but the installer did not create it (e.g. an optional script)
+        dists[name] = {"version": dist.version, "files": files}
+    return {"format": MANIFEST_FORMAT, "python": str(d / "bin" / "python"), "dists": dists,
+            "pinned": {k: v for k, v in versions.items() if k in ("torch",)}}
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+def _check_pins(req: EnvRequest, versions: dict[str, str]) -> None:
+    """The environment holds what the request pinned: the framework's release, the extra pins, the host's torch."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    want = {"torch": f"=={host_torch_version()}"}
+    if req.version:
+        want[_canonical(req.adapter)] = f"=={req.version}"
+    for r in req.extra_pins:
+        name = _dist_name(r)
+        want[name] = r[len(name):] if r.lower().startswith(name) else ""
+    have_all = {_canonical(k): v for k, v in versions.items()}
+    for name, spec in want.items():
+        have = have_all.get(name)
+        if have is None and name == _canonical(req.adapter):
+            continue  # the adapter's distribution has another name: its requirement pinned it
+        if have is None:
+            raise BrokenEnvironment(f"{name} is not installed")
+        try:
+            ok = not spec or SpecifierSet(spec).contains(have.split("+")[0], prereleases=True)
+        except InvalidSpecifier:
+            ok = True
+        if not ok:
+            raise BrokenEnvironment(f"{name} is {have}, the pin asks for {name}{spec}")
+
+
+def verify(req: EnvRequest, d: Path) -> dict[str, Any]:
+    """Check a cached environment against its manifest; return its env.json. Raises BrokenEnvironment."""
+    marker = d / "env.json"
+    try:
+        info = json.loads(marker.read_text())
+        if not isinstance(info, dict) or not isinstance(info.get("versions"), dict):
+            raise ValueError("no versions")
+        info.setdefault("build_s", 0.0)
+    except (OSError, ValueError) as e:
+        raise BrokenEnvironment(f"env.json unreadable: {e}") from None
+    mtime = marker.stat().st_mtime
+    if _VERIFIED.get(d) == mtime:
+        return info
+    if not os.path.exists(d / "bin" / "python"):
+        raise BrokenEnvironment("bin/python is missing")
+    path = d / "manifest.json"
+    try:
+        man = json.loads(path.read_text())
+    except FileNotFoundError:
+        man = None
+    except (OSError, ValueError) as e:
+        raise BrokenEnvironment(f"manifest.json unreadable: {e}") from None
+    sp = site_packages(d)
+    if man is None:  # built before manifests existed: check the installers' own RECORD sizes, then keep a manifest
+        _verify_records(sp)
+        write_atomic(path, json.dumps(manifest(d, info["versions"])))
+    else:  # the dist-info folder names carry the versions: same files with the same sizes = same versions
+        root = f"{sp}{os.sep}"
+        try:
+            dists = [(str(name), entry["files"].items()) for name, entry in man["dists"].items()]
+        except (KeyError, TypeError, AttributeError):
+            raise BrokenEnvironment("manifest.json malformed") from None
+        for name, files in dists:
+            for rel, size in files:
+                try:
+                    actual = os.stat(root + rel).st_size
+                except OSError:
+                    raise BrokenEnvironment(f"{name}: {rel} is missing") from None
+                if actual != size:
+                    raise BrokenEnvironment(f"{name}: {rel} has {actual} bytes, {size} when built")
+    _check_pins(req, info["versions"])
+    _VERIFIED[d] = mtime
+    return info
+
+
+def _verify_records(sp: Path) -> None:
+    for dist in metadata.distributions(path=[str(sp)]):
+        for f in dist.files or []:
+            rel = str(f)
+            if _skip(rel) or f.size is None:
+                continue
+            try:
+                actual = (sp / rel).stat().st_size
+            except OSError:
+                raise BrokenEnvironment(f"{dist.metadata['Name']}: {rel} is missing") from None
+            if actual != f.size:
+                raise BrokenEnvironment(f"{dist.metadata['Name']}: {rel} has {actual} bytes, {f.size} installed")
 
 
 def _run_uv(args: list[str], env: dict[str, str], what: str) -> None:
@@ -237,10 +400,14 @@ def list_envs() -> list[dict[str, object]]:
     if root.exists():
         for d in sorted(p for p in root.iterdir() if p.is_dir()):
             marker = d / "env.json"
-            if marker.exists():
-                info = json.loads(marker.read_text())
-                rows.append({"name": d.name, "path": str(d), "request": info["request"], "versions": info["versions"],
-                             "build_s": info["build_s"], "size_mb": _size_mb(d)})
+            info = None
+            try:
+                info = json.loads(marker.read_text()) if marker.exists() else None
+            except (OSError, ValueError):
+                info = None  # broken: listed as incomplete, rebuilt on next use
+            if isinstance(info, dict) and isinstance(info.get("versions"), dict):
+                rows.append({"name": d.name, "path": str(d), "request": info.get("request"),
+                             "versions": info["versions"], "build_s": info.get("build_s"), "size_mb": _size_mb(d)})
             else:
                 rows.append({"name": d.name, "path": str(d), "request": None, "versions": {}, "build_s": None,
                              "size_mb": _size_mb(d)})

@@ -57,6 +57,6 @@ class Interrupted(BaseException):
 
     A BaseException (like KeyboardInterrupt) so that no `except Exception` on the way up can swallow it."""
 
-    def __init__(self, signum: int, where: str = "") -> None:
-        self.signum, self.where = signum, where
+    def __init__(self, signum: int, where: str = "", stopped: list[str] | None = None) -> None:
+        self.signum, self.where, self.stopped = signum, where, list(stopped or [])
         super().__init__(signum)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,13 @@ def write_init_weights(spec: Spec, directory: Path) -> Path:
             tensors[name] = 1.0 + 0.1 * t
         else:
             tensors[name] = spec.model.init_std * t
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    # a temporary name unique to this writer: concurrent runs of the same spec write the same content, and each
+    # must publish a complete file (os.replace is atomic), never half of another's
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path

@@ -6,26 +6,28 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import envs, progress
+from . import envs, outcome, pins, progress
 from .compare import RunResult, compare
 from .diff import dict_diff
-from .errors import UsageError, WorkerError
+from .errors import Interrupted, UsageError, WorkerError
 from .model import parameter_shapes, write_init_weights
+from .pins import FrameworkPin
 from .record import Record
 from .registry import adapter_names, get_adapter
+from .safepath import component
 from .spec import Spec, to_dict
 from .tolerance import Bound, CalibrationError, bound_for
-from .workers import Worker
+from .workers import Worker, make_run_dir, remove_run_dir
 
-EXIT_AGREE, EXIT_DIVERGE, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED = 0, 1, 2, 3, 4
+EXIT_AGREE, EXIT_DIVERGE, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED = (
+    outcome.EXIT_AGREE, outcome.EXIT_DIVERGE, outcome.EXIT_ERROR, outcome.EXIT_USAGE, outcome.EXIT_UNSUPPORTED)
+__all__ = ["CaseResult", "FrameworkPin", "parse_pin", "run_case", "run_reference", "run_framework", "worker_env"]
 
 
 @dataclass
@@ -44,48 +46,21 @@ class CaseResult:
 
     @property
     def verdict(self) -> str:
-        verdicts = {r.verdict for r in self.runs}
-        for v in ("error", "diverge", "unsupported"):
-            if v in verdicts:
-                return v
-        return "agree"
+        """error > diverge > unsupported > agree over the runs (stepdiff.harness.outcome)."""
+        return outcome.worst_verdict(r.verdict for r in self.runs)
 
     @property
     def exit_code(self) -> int:
-        return {"agree": EXIT_AGREE, "diverge": EXIT_DIVERGE, "error": EXIT_ERROR,
-                "unsupported": EXIT_UNSUPPORTED}[self.verdict]
+        return outcome.exit_code(r.verdict for r in self.runs)
 
 
-@dataclass(frozen=True)
-class FrameworkPin:
-    """One framework run: adapter name, its version, and extra pins of the version set."""
-
-    name: str
-    version: str | None
-    extra: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        return ",".join([f"{self.name}=={self.version}" if self.version else self.name, *self.extra])
-
-
-def parse_pin(pin: str) -> FrameworkPin:
+def parse_pin(pin: str, where: str = "--framework") -> FrameworkPin:
     """'trl==1.16.0,deepspeed==0.18.9' -> FrameworkPin('trl', '1.16.0', ('deepspeed==0.18.9',)).
 
     The first pin names the adapter; the others pin more packages of the same environment (a version set). A bare
-    name means the newest release."""
-    first, *rest = [p.strip() for p in pin.split(",")]
-    name, sep, version = first.partition("==")
-    name = name.strip().lower()
-    if not name or (sep and not version.strip()):
-        raise UsageError(f"--framework {pin!r}: expected NAME==VERSION[,PKG==VERSION...], e.g. deepspeed==0.19.8")
-    if name not in adapter_names() or name == "reference":
-        known = ", ".join(n for n in adapter_names() if n != "reference")
-        raise UsageError(f"--framework {pin!r}: unknown framework {name!r}; known: {known}")
-    for extra in rest:
-        if "==" not in extra or not extra.split("==")[1]:
-            raise UsageError(f"--framework {pin!r}: extra pin {extra!r} must be PKG==VERSION")
-    return FrameworkPin(name, version.strip() or None, tuple(rest))
+    name means the newest release. Every piece is a PEP 508 name + specifier, nothing else (stepdiff.harness.pins).
+    """
+    return pins.parse(pin, adapter_names(), where)
 
 
 def worker_env(env: envs.Environment) -> dict[str, str]:
@@ -107,9 +82,10 @@ def run_reference(spec: Spec, init: Path, workdir: Path,
     rdir = workdir / "reference"
     n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
     fraction = fraction_for(n_params, spec.batch.world_size * spec.batch.grad_accum)
-    with Worker("reference", host.python, 1, spec.run.device, workdir=rdir) as w:
+    rt, field = spec.run.reference_timeout_s, "run.reference_timeout_s"
+    with Worker("reference", host.python, 1, spec.run.device, workdir=rdir, role="reference") as w:
         w.submit({"spec": to_dict(spec), "init": str(init), "out": str(rdir / "record"),
-                  "options": {"contrib_sketch": fraction} if fraction else {}}, spec.run.timeout_s)
+                  "options": {"contrib_sketch": fraction} if fraction else {}}, rt, field)
         ref = Record.load(rdir / "record")
         if not calibrate or spec.model.dtype == "float64":
             return ref, bound_for(spec.model.dtype, None, spec.run.rel_tolerance), host.versions
@@ -119,10 +95,10 @@ def run_reference(spec: Spec, init: Path, workdir: Path,
         else:  # the same shape with fewer layers, in the working precision too
             cal_init = write_init_weights(cal, envs.cache_root() / "init")
             w.submit({"spec": to_dict(cal), "init": str(cal_init), "out": str(rdir / "record-cal"),
-                      "options": {"contributions": False}}, spec.run.timeout_s)
+                      "options": {"contributions": False}}, rt, field)
             work = Record.load(rdir / "record-cal")
         w.submit({"spec": to_dict(cal), "init": str(init if cal is spec else cal_init), "out": str(rdir / "record64"),
-                  "options": {"dtype": "float64", "contributions": False}}, spec.run.timeout_s)
+                  "options": {"dtype": "float64", "contributions": False}}, rt, field)
         ref64 = Record.load(rdir / "record64")
         self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(work.steps, ref64.steps, strict=True))
     bound = bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance)
@@ -209,7 +185,8 @@ def _environment(pin: FrameworkPin) -> envs.Environment:
 
 
 def _dirname(label: str) -> str:
-    return label.replace("==", "-").replace(",", "+").replace("/", "_")
+    """A run's directory name from its label: one safe path component, never a way out of the run directory."""
+    return component(label.replace("==", "-").replace(",", "+"))
 
 
 def _meta_dict(rec: Record) -> dict[str, Any]:
@@ -227,13 +204,20 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
     if not frameworks:
         raise UsageError("no frameworks to run: give --framework NAME==VERSION or list them in case.frameworks")
     pins = [parse_pin(f) if isinstance(f, str) else f for f in frameworks]
+    unsupported = {pin: get_adapter(pin.name).unsupported(spec, pin.version) for pin in pins}
     for pin in pins:  # resolve every environment up front: a bad pin is a usage error, early
-        if get_adapter(pin.name).unsupported(spec, pin.version) is None:
+        if unsupported[pin] is None:
             with progress.task(pin.label, "environment", announce=False) as t:
                 _environment(pin)
                 t.done("environment ready", record=False)
+    if all(unsupported.values()):  # nothing to compare: no reference run either
+        runs = [RunResult(p.name, p.version, "unsupported", str(unsupported[p]), extra_pins=p.extra) for p in pins]
+        for r in runs:
+            say(f"stepdiff: {r.label}: unsupported")
+        return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None, spec.run.rel_tolerance),
+                          elapsed_s=time.perf_counter() - t0)
     own_dir = workdir is None
-    wd = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-run-"))
+    wd = make_run_dir() if workdir is None else Path(workdir)
     try:
         init = write_init_weights(spec, envs.cache_root() / "init")
         init_tensors = load_file(str(init))
@@ -255,9 +239,14 @@ def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Pa
         result = CaseResult(spec.case.name, spec, runs, bound, ref_versions, elapsed_s=time.perf_counter() - t0)
         _pairwise(result, wd)
         return result
+    except Interrupted as e:
+        e.where = e.where or f"case {spec.case.name}"
+        raise
+    except KeyboardInterrupt:  # SIGINT where stepdiff's own handlers are not installed (a library caller)
+        raise Interrupted(2, f"case {spec.case.name}") from None
     finally:
         if own_dir:
-            shutil.rmtree(wd, ignore_errors=True)
+            remove_run_dir(wd)
 
 
 TOKEN_FIT_MAX_FLOATS = 2e8
@@ -279,12 +268,13 @@ def _token_fits(spec: Spec, runs: list[RunResult], init: Path, wd: Path) -> None
     if n_params * n_tokens > TOKEN_FIT_MAX_FLOATS:
         return
     host = envs.host_environment()
-    with Worker("reference", host.python, 1, spec.run.device, workdir=wd / "reference-tokens") as w:
+    with Worker("reference", host.python, 1, spec.run.device, workdir=wd / "reference-tokens",
+                role="reference") as w:
         for step in sorted({r.first_diverging_step for r in todo if r.first_diverging_step is not None}):
             out = wd / "reference-tokens" / f"step{step}"
             try:
                 w.submit({"spec": to_dict(spec), "init": str(init), "out": str(out),
-                          "options": {"token_step": step}}, spec.run.timeout_s)
+                          "options": {"token_step": step}}, spec.run.reference_timeout_s, "run.reference_timeout_s")
             except WorkerError:
                 return  # the token fit is an explanation, never a verdict: skip it if it cannot run
             token_ref = Record.load(out)

@@ -54,7 +54,8 @@ class Session:
         key = (name, world_size)
         w = self.workers.get(key)
         if w is None or (w.proc is not None and not w.alive()):
-            w = Worker(name, python, world_size, device, env=extra, workdir=self.dir / f"{name}-ws{world_size}")
+            w = Worker(name, python, world_size, device, env=extra, workdir=self.dir / f"{name}-ws{world_size}",
+                       role="reference" if name == "reference" else "framework")
             self.workers[key] = w
         return w
 
@@ -68,11 +69,12 @@ class Session:
         w = self._worker("reference", host.python, 1, spec.run.device, {})
         out, out64 = self._next_dir("ref"), self._next_dir("ref64")
         req = {"spec": to_dict(spec), "init": str(init)}
-        w.submit({**req, "out": str(out)}, spec.run.timeout_s)
+        rt, field = spec.run.reference_timeout_s, "run.reference_timeout_s"  # the reference's own limit
+        w.submit({**req, "out": str(out)}, rt, field)
         ref = Record.load(out)
         self_error = None
         if spec.model.dtype != "float64":
-            w.submit({**req, "out": str(out64), "options": {"dtype": "float64"}}, spec.run.timeout_s)
+            w.submit({**req, "out": str(out64), "options": {"dtype": "float64"}}, rt, field)
             ref64 = Record.load(out64)
             self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(ref.steps, ref64.steps, strict=True))
             shutil.rmtree(out64, ignore_errors=True)

@@ -6,6 +6,11 @@ sum_k w_k c_k (least squares over all parameters) recovers the weights the frame
 `describe` then names the weight pattern by comparing it with patterns computed from the token counts (dropped
 micro-batches, per-micro-batch or per-rank token means, sums instead of means, a uniform scale). Nothing here knows
 a framework or a version.
+
+A contribution with (near-)zero norm (a GRPO micro-batch whose advantages are all 0, or whose completions are all
+masked) has no identifiable weight: any weight explains the gradient equally well. Such contributions are marked
+undetermined (weight NaN, listed in Fit.undetermined), left out of the solve and out of pattern naming, so they can
+neither read as "dropped" on an agreeing run nor turn a uniform scale into an unnamed re-weighting.
 """
 
 from __future__ import annotations
@@ -27,12 +32,19 @@ class Fit:
     """||G - sum w_k c_k|| / ||G||: how much of the gradient no re-weighting explains."""
     labels: tuple[str, ...]
     """Which contribution each weight belongs to, e.g. 'rank 0 mb 2'."""
+    undetermined: tuple[int, ...] = ()
+    """Indices of contributions with (near-)zero norm: their weight is NaN (not identifiable from the gradient)."""
+
+    @property
+    def determined(self) -> list[int]:
+        return [i for i in range(len(self.weights)) if i not in self.undetermined]
 
 
 def fit_weights(grad: Mapping[str, torch.Tensor], contributions: Sequence[Mapping[str, torch.Tensor]],
                 labels: Sequence[str] | None = None) -> Fit:
     """Least-squares weights w minimising ||G - sum_k w_k c_k|| over all parameters (float64, Gram form so real-size
-    models need no K x P matrix)."""
+    models need no K x P matrix). Contributions whose norm is at most UNDETERMINED_REL x the largest one are left out
+    of the solve and get weight NaN (Fit.undetermined)."""
     import torch
 
     k = len(contributions)
@@ -45,12 +57,23 @@ def fit_weights(grad: Mapping[str, torch.Tensor], contributions: Sequence[Mappin
         gram += cs @ cs.T
         rhs += cs @ gv
         g_sq += float(gv @ gv)
-    # ridge of 1e-12 x trace keeps the solve defined when two contributions are (near) identical
-    ridge = 1e-12 * float(gram.trace()) / max(k, 1)
-    w = torch.linalg.solve(gram + ridge * torch.eye(k, dtype=torch.float64), rhs)
-    res_sq = g_sq - 2 * float(w @ rhs) + float(w @ gram @ w)
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    largest = float(norms.max()) if k else 0.0
+    keep = [i for i in range(k) if float(norms[i]) > UNDETERMINED_REL * largest]
+    weights = [math.nan] * k
+    res_sq = g_sq
+    if keep:
+        idx = torch.tensor(keep)
+        sub, sub_rhs = gram[idx][:, idx], rhs[idx]
+        # ridge of 1e-12 x trace keeps the solve defined when two contributions are (near) identical
+        ridge = 1e-12 * float(sub.trace()) / len(keep)
+        w = torch.linalg.solve(sub + ridge * torch.eye(len(keep), dtype=torch.float64), sub_rhs)
+        res_sq = g_sq - 2 * float(w @ sub_rhs) + float(w @ sub @ w)
+        for j, i in enumerate(keep):
+            weights[i] = float(w[j])
     residual = math.sqrt(max(res_sq, 0.0) / g_sq) if g_sq > 0 else 0.0
-    return Fit(tuple(float(x) for x in w), residual, tuple(labels or [f"mb {i}" for i in range(k)]))
+    return Fit(tuple(weights), residual, tuple(labels or [f"mb {i}" for i in range(k)]),
+               tuple(i for i in range(k) if i not in keep))
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,8 @@ class Signature:
 
 WEIGHT_TOL = 0.02
 RESIDUAL_TOL = 0.02
+UNDETERMINED_REL = 1e-6
+"""A contribution this small relative to the largest one has no identifiable weight."""
 
 
 def candidate_patterns(counts: Sequence[Sequence[int]]) -> dict[str, tuple[list[float], str]]:
@@ -107,23 +132,37 @@ def _priority(ws: int, ga: int) -> list[str]:
 
 
 def describe(fit: Fit, counts: Sequence[Sequence[int]]) -> Signature:
-    """Name the fitted weight pattern. Uses only the numbers (weights, residual, token counts)."""
+    """Name the fitted weight pattern. Uses only the numbers (weights, residual, token counts); undetermined
+    contributions (zero norm) take no part in it and are named in the text."""
+    sig = _describe(fit, counts)
+    if fit.undetermined:
+        which = ", ".join(fit.labels[i] for i in fit.undetermined)
+        sig = Signature(sig.name, f"{sig.text}; {which}: no gradient contribution in the reference (weight "
+                                  "undetermined, left out)", sig.max_deviation)
+    return sig
+
+
+def _describe(fit: Fit, counts: Sequence[Sequence[int]]) -> Signature:
     w = list(fit.weights)
+    det = fit.determined
     if fit.residual > RESIDUAL_TOL:
         return Signature("unexplained", f"no re-weighting of micro-batches explains the gradient (residual "
                                         f"{fit.residual:.2g}): the error is inside micro-batches, not between them",
                          math.inf)
+    if not det:
+        return Signature("undetermined", "no micro-batch contributes to the reference gradient: no weight can be "
+                                         "fitted", math.nan)
 
     def dev(p: Sequence[float], only: Sequence[int] | None = None) -> float:
-        idx = range(len(w)) if only is None else only
+        idx = det if only is None else only
         return max((abs(w[i] - p[i]) / max(abs(p[i]), 1.0) for i in idx), default=0.0)
 
     pats = candidate_patterns(counts)
     order = _priority(len(counts), len(counts[0]))
     if dev(pats["correct"][0]) <= WEIGHT_TOL:
         return Signature("correct", "weights match the correct aggregation", dev(pats["correct"][0]))
-    zero = [i for i, x in enumerate(w) if abs(x) < WEIGHT_TOL]
-    live = [i for i in range(len(w)) if i not in zero]
+    zero = [i for i in det if abs(w[i]) < WEIGHT_TOL]
+    live = [i for i in det if i not in zero]
     if zero and live:
         dropped = ", ".join(fit.labels[i] for i in zero)
         if dev(pats["correct"][0], live) <= WEIGHT_TOL:
@@ -139,12 +178,12 @@ def describe(fit: Fit, counts: Sequence[Sequence[int]]) -> Signature:
         best = matches[0]
         also = f" (here the same weights as {', '.join(matches[1:])})" if len(matches) > 1 else ""
         return Signature(best, pats[best][1] + also, dev(pats[best][0]))
-    mean = sum(w) / len(w)
-    if all(abs(x - mean) <= WEIGHT_TOL * max(abs(mean), 1.0) for x in w):
+    mean = sum(w[i] for i in det) / len(det)
+    if all(abs(w[i] - mean) <= WEIGHT_TOL * max(abs(mean), 1.0) for i in det):
         return Signature("uniform-scale", f"every micro-batch weighted {mean:.4g}x: the whole gradient is scaled by "
-                                          f"{mean:.4g}", max(abs(x - mean) for x in w))
+                                          f"{mean:.4g}", max(abs(w[i] - mean) for i in det))
     return Signature("reweighted", "micro-batches re-weighted in a pattern none of the known aggregations explains: "
-                                   + ", ".join(f"{lab} {x:.3g}" for lab, x in zip(fit.labels, w, strict=True)),
+                                   + ", ".join(f"{fit.labels[i]} {w[i]:.3g}" for i in det),
                      dev(pats["correct"][0]))
 
 
@@ -172,7 +211,8 @@ def token_fit(grad: Mapping[str, torch.Tensor], contributions: Mapping[tuple[int
     """
     keys = list(contributions)
     fit = fit_weights(grad, [contributions[k] for k in keys], [f"{s}:{t}" for s, t in keys])
-    w = dict(zip(keys, fit.weights, strict=True))
+    # a token whose contribution is zero has no identifiable weight: read it as 0 (it changes nothing either way)
+    w = {k: (0.0 if math.isnan(x) else x) for k, x in zip(keys, fit.weights, strict=True)}
     relative: dict[int, dict[int, float]] = {}
     dropped: set[int] = set()
     sample_weight: dict[int, float] = {}

@@ -34,7 +34,7 @@ MAX_CASE_BYTES = 8 * 2**20
 """Largest case file read (a case is a few KiB; this refuses /dev/zero-like inputs before reading them)."""
 MAX_DEPTH = 6
 """Deepest nesting of tables and lists a case file may have (the deepest real field, a sample's token list, is 5)."""
-MAX_PARAMETERS = {"cpu": 2 * 10**8, "cuda": 2 * 10**10}
+MAX_PARAMETERS = {"cpu": 10**9, "cuda": 2 * 10**10}
 """Largest model (parameters) per device: several fp32 copies live in the harness and every worker."""
 MAX_SAMPLES = 100_000
 """Most samples one case may use (micro_batch_size x grad_accum x world_size x steps)."""

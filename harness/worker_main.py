@@ -2,9 +2,10 @@
 
 Protocol, through files in the worker's directory so it works the same under torchrun at any world size:
 the harness writes `req-NNNN.json` ({"spec", "init", "out", "options"} or {"shutdown": true}); every rank runs it;
-rank 0 saves the record to `out` and writes `res-NNNN.json` ({"ok": true, ...}). A rank that fails writes
-{"ok": false, "error": ..., "traceback": ...}. One process serves requests until shutdown, so a framework's import
-and distributed start-up are paid once (fuzzing depends on it).
+rank 0 saves the record to `out`; then EVERY rank writes its own `res-NNNN.rank<R>.json` ({"ok": true} or
+{"ok": false, "error": ..., "traceback": ...}). The harness accepts a result only when every rank said ok, so a
+failure on any rank reaches the verdict (one rank's success cannot overwrite another's failure). One process serves
+requests until shutdown, so a framework's import and distributed start-up are paid once (fuzzing depends on it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import os
 import time
 import traceback
 from pathlib import Path
+
+
+def result_path(directory: Path, request: int, rank: int) -> Path:
+    return directory / f"res-{request:04d}.rank{rank}.json"
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -76,7 +81,7 @@ def main(argv: list[str]) -> int:
         req = _wait_for(args.dir / f"req-{i:04d}.json")
         if req.get("shutdown"):
             return 0
-        res_path = args.dir / f"res-{i:04d}.json"
+        res_path = result_path(args.dir, i, rank)
         try:
             t1 = time.perf_counter()
             spec = from_dict(req["spec"])
@@ -86,16 +91,16 @@ def main(argv: list[str]) -> int:
                 torch.cuda.reset_peak_memory_stats()
             record = adapter.run(spec, Path(req["init"]), ctx, **req.get("options", {}))
             if rank == 0:
+                if record is None:
+                    raise RuntimeError("the adapter returned no record on rank 0")
                 record.meta.timings.setdefault("worker_setup_s", setup_s)
                 record.meta.timings["run_s"] = time.perf_counter() - t1
                 if args.device == "cuda":
                     record.meta.extra.update(_cuda_facts())
                 record.save(req["out"])
-                _write_json(res_path, {"ok": True, "out": req["out"]})
+            _write_json(res_path, {"ok": True, "out": req["out"], "rank": rank})
         except Exception as e:  # reported to the harness as an error verdict, with the traceback
             tb = traceback.format_exc()
             print(tb, flush=True)
-            if not res_path.exists():
-                _write_json(res_path, {"ok": False, "error": f"{type(e).__name__}: {e}", "rank": rank,
-                                       "traceback": tb})
+            _write_json(res_path, {"ok": False, "error": f"{type(e).__name__}: {e}", "rank": rank, "traceback": tb})
         i += 1

@@ -2,7 +2,12 @@
 
 A worker is one process (world size 1) or a torchrun group (world size > 1) running an adapter inside an
 environment's python. The harness enforces a timeout, captures stdout/stderr to a log, and turns a crash, a hang or an
-exception into a WorkerError carrying the tail of the framework's own output. Never a pass.
+exception on ANY rank into a WorkerError carrying the tail of the framework's own output. Never a pass.
+
+Every live worker is registered here, so that a signal (SIGTERM, SIGINT, SIGHUP) stops them all at once
+(`stop_all`): each worker's whole process tree is killed (torchrun puts each rank in a session of its own, so a
+process group is not enough). A worker also watches its harness (stepdiff.harness.procs.watch_harness) and stops
+itself when the harness dies without stopping it.
 """
 
 from __future__ import annotations
@@ -10,19 +15,29 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from stepdiff._util import free_port
 
+from . import procs
 from .errors import WorkerError
+from .worker_main import result_path
 
 PACKAGES = ("stepdiff", "stepdiff.harness", "stepdiff.adapters", "stepdiff.reports")
+RUN_DIR_PREFIX = "stepdiff-run-"
+OWNER_FILE = ".stepdiff-owner"
+
+_LIVE: set[Worker] = set()
+_LIVE_LOCK = threading.RLock()  # re-entrant: stop_all() runs inside signal handlers
+_OWNED_DIRS: set[Path] = set()
+"""Temporary run directories this process created (a worker is told to remove them if this process dies)."""
 
 
 def package_paths() -> dict[str, str]:
@@ -44,18 +59,75 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text[-lines:])
 
 
+def make_run_dir(prefix: str = RUN_DIR_PREFIX) -> Path:
+    """A temporary run directory owned by this process. Stale ones left by a stepdiff process that was killed
+    (SIGKILL leaves no chance to clean up) are removed first."""
+    sweep_stale_run_dirs(prefix)
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    (d / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start": procs.start_time(os.getpid())}))
+    _OWNED_DIRS.add(d)
+    return d
+
+
+def remove_run_dir(d: Path) -> None:
+    _OWNED_DIRS.discard(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def sweep_stale_run_dirs(prefix: str = RUN_DIR_PREFIX) -> list[Path]:
+    """Remove temporary run directories whose owning stepdiff process no longer exists."""
+    removed: list[Path] = []
+    root = Path(tempfile.gettempdir())
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return removed
+    for d in candidates:
+        try:
+            owner = json.loads((d / OWNER_FILE).read_text())
+            if os.stat(d).st_uid != os.getuid():
+                continue
+        except (OSError, ValueError):
+            continue  # not ours to judge (an older layout, another user, being created right now)
+        if not procs.is_alive(int(owner.get("pid", 0)), owner.get("start")):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def live_workers() -> list[Worker]:
+    with _LIVE_LOCK:
+        return list(_LIVE)
+
+
+def stop_all() -> list[str]:
+    """Kill every live worker's process tree now (signal handling). Returns what was stopped, for the message."""
+    stopped = []
+    for w in live_workers():
+        stopped.append(w.describe())
+        w.kill()
+    return stopped
+
+
 class Worker:
     """One adapter in one environment, serving requests until closed."""
 
     def __init__(self, adapter: str, python: str, world_size: int = 1, device: str = "cpu",
-                 env: dict[str, str] | None = None, workdir: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, workdir: Path | None = None, role: str = "framework") -> None:
         self.adapter, self.python, self.world_size, self.device = adapter, python, world_size, device
+        self.role = role
+        """'reference' or 'framework': named in timeout messages, which are reported separately."""
         self.extra_env = dict(env or {})
+        self.own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"stepdiff-{adapter}-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.next_request = 0
+
+    def describe(self) -> str:
+        pid = self.proc.pid if self.proc else "-"
+        return f"{self.adapter} worker (pid {pid}, world size {self.world_size})"
 
     def command(self) -> list[str]:
         boot = str(Path(package_paths()["stepdiff.harness"]) / "worker_boot.py")
@@ -77,7 +149,10 @@ class Worker:
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
             "TORCHELASTIC_ERROR_FILE": str(self.dir / "elastic-error.json"),
+            **procs.harness_identity(),
         })
+        owned = [d for d in _OWNED_DIRS if self.dir == d or d in self.dir.parents]
+        env[procs.CLEANUP_DIR] = str(owned[0]) if owned else (str(self.dir) if self.own_dir else "")
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
             if self.world_size > 1:  # two ranks on two cores: one thread each, or they fight
@@ -94,46 +169,84 @@ class Worker:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.environment(), cwd=self.dir,
                                          start_new_session=True)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def submit(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Send one request; wait for its result, the worker's death, or the timeout."""
+    def _rank_results(self, i: int) -> dict[int, dict[str, Any]]:
+        out = {}
+        for r in range(self.world_size):
+            p = result_path(self.dir, i, r)
+            if p.exists():
+                try:
+                    out[r] = json.loads(p.read_text())
+                except ValueError:  # being replaced right now: read it on the next poll
+                    continue
+        return out
+
+    def _failure(self, results: dict[int, dict[str, Any]]) -> WorkerError:
+        failed = {r: v for r, v in sorted(results.items()) if not v.get("ok")}
+        what = "; ".join(f"rank {r}: {v.get('error')}" if self.world_size > 1 else str(v.get("error"))
+                         for r, v in failed.items())
+        return WorkerError(f"{self.adapter} worker failed: {what}", tail(self.log))
+
+    def submit(self, request: dict[str, Any], timeout_s: float, timeout_field: str = "run.timeout_s"
+               ) -> dict[str, Any]:
+        """Send one request; wait until every rank has answered, one rank has failed, the worker died, or the
+        timeout (named by `timeout_field` in the message) has passed."""
         if self.proc is None:
             self.start()
         i = self.next_request
         self.next_request += 1
-        req, res = self.dir / f"req-{i:04d}.json", self.dir / f"res-{i:04d}.json"
+        req = self.dir / f"req-{i:04d}.json"
         tmp = req.with_suffix(".tmp")
         tmp.write_text(json.dumps(request))
         os.replace(tmp, req)
         deadline = time.monotonic() + timeout_s
         while True:
-            if res.exists():
-                result = json.loads(res.read_text())
-                if not result.get("ok"):
-                    # a failed rank may leave the others blocked in a collective: the group cannot serve again
-                    self.kill()
-                    raise WorkerError(f"{self.adapter} worker failed: {result.get('error')}", tail(self.log))
-                return result
+            results = self._rank_results(i)
+            if any(not v.get("ok") for v in results.values()):
+                # give the other ranks a moment to report theirs too: every rank's failure reaches the verdict
+                grace = time.monotonic() + 1.0
+                while len(results) < self.world_size and time.monotonic() < grace and self.alive():
+                    time.sleep(0.05)
+                    results = self._rank_results(i)
+                # a failed rank may leave the others blocked in a collective: the group cannot serve again
+                self.kill()
+                raise self._failure(results)
+            if len(results) == self.world_size:
+                return results[0]
             if not self.alive():
                 code = self.proc.returncode if self.proc else None
-                raise WorkerError(f"{self.adapter} worker exited with code {code} before finishing the run",
+                results = self._rank_results(i)
+                if any(not v.get("ok") for v in results.values()):
+                    raise self._failure(results)
+                missing = [r for r in range(self.world_size) if r not in results]
+                ranks = f" (no answer from rank {', '.join(map(str, missing))})" if self.world_size > 1 else ""
+                raise WorkerError(f"{self.adapter} worker exited with code {code} before finishing the run{ranks}",
                                   tail(self.log))
             if time.monotonic() > deadline:
                 self.kill()
-                raise WorkerError(f"{self.adapter} run timed out after {timeout_s:.0f} s (hung or too slow); "
-                                  "raise run.timeout_s if it is only slow", tail(self.log))
+                who = "the reference" if self.role == "reference" else self.adapter
+                missing = [r for r in range(self.world_size) if r not in results]
+                ranks = f" (ranks {', '.join(map(str, missing))} never answered)" if self.world_size > 1 else ""
+                raise WorkerError(f"{who} run timed out after {timeout_s:.0f} s{ranks} (hung or too slow); "
+                                  f"raise {timeout_field} if it is only slow", tail(self.log))
             time.sleep(0.02)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Kill the worker's whole process tree (every rank) and reap it."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                procs.kill_tree(self.proc.pid)
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 pass
-            self.proc.wait()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
 
     def close(self) -> None:
         if self.alive():
@@ -145,11 +258,18 @@ class Worker:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Worker:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None and exc_type is not WorkerError:
+            self.kill()  # interrupted (signal) or a harness bug: no graceful 20 s shutdown
+            if self.own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            return
         self.close()
 
 

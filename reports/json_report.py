@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stepdiff.harness.outcome import exit_code, worst_verdict
+
 if TYPE_CHECKING:
     from stepdiff.harness.compare import RunResult
     from stepdiff.harness.runner import CaseResult
@@ -58,6 +60,7 @@ def run_dict(r: RunResult, knobs: dict[str, Any] | None = None, optimizer: str |
         "worst_parameter": {"name": worst[0], "rel": _f(worst[1])} if worst else None,
         "first_diverging_step": r.first_diverging_step,
         "microbatch_weights": [_f(w) for w in r.fit.weights] if r.fit else None,
+        "microbatch_undetermined": [r.fit.labels[i] for i in r.fit.undetermined] if r.fit else None,
         "microbatch_labels": list(r.fit.labels) if r.fit else None,
         "fit_residual": _f(r.fit.residual) if r.fit else None,
         "fit_step": r.fit_step if r.fit else None,
@@ -131,7 +134,7 @@ def case_dict(result: CaseResult) -> dict[str, Any]:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def document(results: list[CaseResult] | list[dict[str, Any]]) -> dict[str, Any]:
@@ -142,13 +145,10 @@ def document(results: list[CaseResult] | list[dict[str, Any]]) -> dict[str, Any]
     cases = [c if isinstance(c, dict) else case_dict(c) for c in results]
     if len(cases) == 1:
         return cases[0]
-    worst = max(cases, key=lambda c: _RANK[c["verdict"]])
+    verdicts = [run["verdict"] for c in cases for run in c["runs"]]  # error > diverge > unsupported > agree
     return {"schema": SCHEMA, "stepdiff_version": __version__, "created": cases[0]["created"],
-            "verdict": worst["verdict"], "exit_code": worst["exit_code"], "cases": cases,
+            "verdict": worst_verdict(verdicts), "exit_code": exit_code(verdicts), "cases": cases,
             "runs": [run | {"case": c["case"]} for c in cases for run in c["runs"]]}
-
-
-_RANK = {"agree": 0, "unsupported": 1, "diverge": 2, "error": 3}
 
 
 def cases_of(doc: dict[str, Any]) -> list[dict[str, Any]]:

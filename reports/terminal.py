@@ -26,7 +26,8 @@ def num(x: Any, fmt: str = ".2e", none: str = "-") -> str:
 def weights_text(weights: Sequence[Any] | None) -> str:
     if weights is None:
         return "-"
-    return "[" + ", ".join(x if isinstance(x, str) else f"{x:.2f}".rstrip("0").rstrip(".") if abs(x) >= 0.005 else "0"
+    return "[" + ", ".join(("?" if x == "nan" else x) if isinstance(x, str)  # ? = undetermined (no contribution)
+                           else f"{x:.2f}".rstrip("0").rstrip(".") if abs(x) >= 0.005 else "0"
                            for x in weights) + "]"
 
 
@@ -146,8 +147,8 @@ def detail(run: Any) -> list[str]:
     for finding in r["supervision_mismatches"]:
         lines.append(f"  supervised tokens: {finding}")
     if r["microbatch_weights"] is not None and r["signature"]:
-        pairs = ", ".join(f"{lab}={num(w, '.3f')}" for lab, w in zip(r["microbatch_labels"], r["microbatch_weights"],
-                                                                      strict=True))
+        pairs = ", ".join(f"{lab}=undetermined" if w == "nan" else f"{lab}={num(w, '.3f')}"
+                          for lab, w in zip(r["microbatch_labels"], r["microbatch_weights"], strict=True))
         lines.append(f"  micro-batch weights at step {r['fit_step']} (fit residual {num(r['fit_residual'], '.1e')}): "
                      + pairs)
         lines.append(f"  signature: {r['signature']}: {r['signature_text']}")

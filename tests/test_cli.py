@@ -52,7 +52,7 @@ def test_version_and_module_entry() -> None:
     [
         (["run", "no-such-case"], "no such file and no bundled case"),
         (["run", "deepspeed-zero2-offload-ga4", "-f", "notaframework==1.0"], "unknown framework 'notaframework'"),
-        (["run", "deepspeed-zero2-offload-ga4", "-f", "deepspeed=="], "expected NAME==VERSION"),
+        (["run", "deepspeed-zero2-offload-ga4", "-f", "deepspeed=="], "no version after its operator"),
         (["run", "deepspeed-zero2-offload-ga4", "-f", "deepspeed==0.0.0.424242"], "could not be installed"),
     ],
 )
@@ -77,3 +77,78 @@ def test_cases_and_spec_help() -> None:
     assert "deepspeed-zero2-offload-ga4" in out.stdout
     out = stepdiff("spec-help")
     assert "batch.grad_accum" in out.stdout and "optimizer.clip_grad_norm" in out.stdout
+
+
+def test_argparse_errors_exit_3_with_one_line() -> None:
+    for args in (["run"], ["run", "x", "--timeout", "nan"], ["run", "x", "--timeout", "-1"], ["nosuchverb"],
+                 ["fuzz", "x", "--examples", "0"], ["run", "x", "--device", "tpu"]):
+        out = stepdiff(*args)
+        assert out.returncode == 3, (args, out.returncode, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("stepdiff: error: "), (args, out.stderr)
+
+
+def test_internal_error_has_its_own_code_one_line_and_traceback_only_with_debug(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from stepdiff.harness import cli
+    from stepdiff.harness.outcome import EXIT_INTERNAL
+
+    def broken(args: object) -> int:
+        raise KeyError("a bug inside stepdiff")
+
+    monkeypatch.setattr(cli, "cmd_cases", broken)
+    assert EXIT_INTERNAL not in (0, 1, 2, 3, 4)
+    assert cli.main(["cases"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("stepdiff: internal error: KeyError: 'a bug inside stepdiff' (at ")
+    assert "tests/test_cli.py:" in lines[0] and "in broken, from harness/cli.py:" in lines[0], lines[0]
+    assert "this is a bug in stepdiff" in lines[0] and "please report it" in lines[0] and "--debug" in lines[0]
+    assert cli.main(["--debug", "cases"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(
+        "stepdiff: internal error: KeyError")
+    assert cli.main(["cases", "--debug"]) == EXIT_INTERNAL  # --debug after the verb works too
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--junit", "--markdown"])
+def test_output_paths_are_checked_before_any_work(tmp_path: Path, flag: str) -> None:
+    """An unwritable report path is a usage error before the run starts (it used to fail after the whole run)."""
+    case = tmp_path / "c.toml"
+    case.write_text('[case]\nname = "c"\nframeworks = ["faults"]\n')
+    for bad, needle in ((tmp_path / "missing" / "r.out", "does not exist"), (tmp_path, "is a directory")):
+        out = stepdiff("run", str(case), flag, str(bad), timeout=60)
+        assert out.returncode == 3, out.stderr
+        assert needle in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert "stepdiff: faults:" not in out.stderr  # nothing ran
+    keep_file = tmp_path / "a-file"
+    keep_file.write_text("")
+    out = stepdiff("run", str(case), "--keep", str(keep_file), timeout=60)
+    assert out.returncode == 3 and "is not a folder" in out.stderr
+
+
+def test_every_case_and_pin_is_checked_before_any_work(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[case]\nname = "good"\nframeworks = ["faults"]\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[case]\nname = "bad"\nframeworks = ["faults"]\n[run]\ntimeout_s = nan\n')
+    out = stepdiff("run", str(good), str(bad), timeout=60)
+    assert out.returncode == 3 and "run.timeout_s = nan: not a finite number" in out.stderr
+    assert "stepdiff: faults:" not in out.stderr  # the good case did not run first
+    out = stepdiff("run", str(good), "-f", "deepspeed==0.19.8,--index-url==http://evil.example", timeout=60)
+    assert out.returncode == 3 and "is an installer option, not a requirement" in out.stderr
+
+
+def test_exit_code_function_orders_verdicts() -> None:
+    from stepdiff.harness.outcome import exit_code, worst_verdict
+
+    table = {("agree",): 0, ("diverge",): 1, ("error",): 2, ("unsupported",): 4, ("agree", "unsupported"): 4,
+             ("unsupported", "diverge"): 1, ("unsupported", "error"): 2, ("diverge", "error", "agree"): 2,
+             ("agree", "diverge"): 1, (): 2}
+    for verdicts, code in table.items():
+        assert exit_code(verdicts) == code, verdicts
+    assert worst_verdict(["unsupported", "diverge"]) == "diverge"
+    with pytest.raises(ValueError):
+        exit_code(["pass"])

@@ -12,10 +12,18 @@ from pathlib import Path
 import pytest
 
 
-def run_faults(tmp_path: Path, mode: str, timeout_s: float = 120, extra: str = "") -> tuple[int, dict, str]:
-    case = tmp_path / f"{mode}.toml"
-    case.write_text(f'[case]\nname = "faults-{mode}"\nframeworks = ["faults"]\n[batch]\ngrad_accum = 3\n'
-                    f"[run]\ntimeout_s = {timeout_s}\n[faults]\nmode = \"{mode}\"\n{extra}")
+def faults_case(tmp_path: Path, mode: str, timeout_s: float = 120, extra: str = "", run: str = "",
+                batch: str = "", name: str = "") -> Path:
+    name = name or f"faults-{mode}"
+    case = tmp_path / f"{name}.toml"
+    case.write_text(f'[case]\nname = "{name}"\nframeworks = ["faults"]\n[batch]\ngrad_accum = 3\n{batch}'
+                    f"[run]\ntimeout_s = {timeout_s}\n{run}[faults]\nmode = \"{mode}\"\n{extra}")
+    return case
+
+
+def run_faults(tmp_path: Path, mode: str, timeout_s: float = 120, extra: str = "", run: str = "",
+               batch: str = "") -> tuple[int, dict, str]:
+    case = faults_case(tmp_path, mode, timeout_s, extra, run, batch)
     report = tmp_path / f"{mode}.json"
     out = subprocess.run([sys.executable, "-m", "stepdiff", "run", str(case), "--json", str(report)],
                          capture_output=True, text=True, timeout=600)
@@ -29,6 +37,7 @@ def run_faults(tmp_path: Path, mode: str, timeout_s: float = 120, extra: str = "
         ("exception", "simulated framework exception"),
         ("nan", "contains NaN/Inf"),
         ("missing", "gradient missing"),
+        ("zero-filled", "gradient missing for 1 parameters (exactly zero"),
         ("no-step", "the optimizer step did not happen"),
     ],
 )
@@ -41,12 +50,59 @@ def test_broken_runs_are_errors(tmp_path: Path, mode: str, needle: str) -> None:
         assert "faults: simulated" in report["runs"][0]["log_tail"]  # the framework's own output is carried
 
 
-def test_hang_is_stopped_by_timeout(tmp_path: Path) -> None:
+def test_hang_is_stopped_by_the_framework_timeout_not_the_reference_one(tmp_path: Path) -> None:
+    """run.timeout_s bounds the framework only: the reference keeps its own (default) limit and finishes, so the
+    error really is the framework's hang."""
     t0 = time.monotonic()
     code, report, _ = run_faults(tmp_path, "hang", timeout_s=5)
     assert code == 2
-    assert "timed out after 5 s" in report["runs"][0]["reason"]
+    reason = report["runs"][0]["reason"]
+    assert reason.startswith("faults run timed out after 5 s") and "raise run.timeout_s" in reason, reason
+    assert report["reference_self_error"] is not None  # the reference ran (and calibrated) to the end
     assert time.monotonic() - t0 < 120
+
+
+def test_reference_timeout_is_its_own_and_reported_as_the_reference(tmp_path: Path) -> None:
+    code, report, _ = run_faults(tmp_path, "none", timeout_s=600, run="reference_timeout_s = 1\n")
+    assert code == 2
+    reason = report["runs"][0]["reason"]
+    assert reason.startswith("reference failed: the reference run timed out after 1 s"), reason
+    assert "raise run.reference_timeout_s" in reason
+
+
+def test_a_failure_on_rank_1_reaches_the_verdict(tmp_path: Path) -> None:
+    """Rank 0 succeeds and writes its record; rank 1 raises. The run is an error naming rank 1 (rank 0's success
+    used to overwrite rank 1's failure: a pass)."""
+    code, report, _ = run_faults(tmp_path, "exception", batch="world_size = 2\n", extra="rank = 1\n")
+    assert code == 2
+    reason = report["runs"][0]["reason"]
+    assert "rank 1: RuntimeError: faults: simulated framework exception" in reason, reason
+    assert "rank 0" not in reason  # rank 0 did not fail
+
+
+def test_a_hang_on_rank_1_is_a_timeout_naming_it(tmp_path: Path) -> None:
+    # the limit includes torchrun's start-up and rank 0's whole run: generous, so rank 0 surely answered
+    code, report, _ = run_faults(tmp_path, "hang", timeout_s=60, batch="world_size = 2\n", extra="rank = 1\n")
+    assert code == 2
+    reason = report["runs"][0]["reason"]
+    assert "timed out after 60 s (ranks 1 never answered)" in reason, reason
+
+
+def test_exit_code_of_several_cases_is_the_worst_verdict(tmp_path: Path) -> None:
+    """error > diverge > unsupported > agree across cases (a numeric max let "unsupported" (4) hide the others)."""
+    unsupported = faults_case(tmp_path, "none", name="unsupported", extra="", run="")
+    unsupported.write_text(unsupported.read_text().replace("[batch]", '[model]\ndtype = "float64"\n[batch]'))
+    diverge = faults_case(tmp_path, "scale", name="diverge", extra="scale = 0.5\n")
+    error = faults_case(tmp_path, "exception", name="error")
+    expected = {(unsupported,): 4, (unsupported, diverge): 1, (unsupported, error): 2}
+    for cases, code in expected.items():
+        report = tmp_path / "several.json"
+        out = subprocess.run([sys.executable, "-m", "stepdiff", "run", *map(str, cases), "--json", str(report)],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == code, (cases, out.stderr[-2000:])
+        doc = json.loads(report.read_text())
+        assert doc["exit_code"] == code
+        assert f"(exit {code})" in out.stdout.splitlines()[-1] or len(cases) > 1
 
 
 def test_synthetic_faults_are_divergences_with_shape(tmp_path: Path) -> None:

@@ -1,0 +1,97 @@
+"""Signals and the parent's death: SIGTERM, SIGINT and SIGKILL to `stepdiff run` stop every worker (every rank),
+remove the temporary run directory and (where stepdiff survives to say it) exit promptly with one line saying what
+was interrupted. Uses the `faults` adapter's hang mode, so the signal always lands while a framework run is going on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stepdiff.harness import procs
+
+
+def start_hanging_run(tmp_path: Path, world_size: int) -> tuple[subprocess.Popen[str], Path]:
+    case = tmp_path / "hang.toml"
+    case.write_text(f'[case]\nname = "signal-hang"\nframeworks = ["faults"]\n[batch]\nworld_size = {world_size}\n'
+                    '[run]\ntimeout_s = 600\n[faults]\nmode = "hang"\n')
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-m", "stepdiff", "run", str(case)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    return proc, tmp
+
+
+def wait_for_hang(proc: subprocess.Popen[str], tmp: Path, world_size: int, limit_s: float = 300) -> list[int]:
+    """Wait until every rank of the faults worker hangs; return the worker's process tree (pids)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        logs = list(tmp.glob("stepdiff-run-*/faults/worker.log"))
+        if logs and logs[0].read_text(errors="replace").count("faults: simulated hang") >= world_size:
+            return procs.descendants(proc.pid)
+        time.sleep(0.2)
+    raise AssertionError("the faults worker never reached its hang")
+
+
+def gone(pids: list[int], within_s: float) -> list[int]:
+    """The pids still alive after `within_s` (zombies count as gone)."""
+    deadline = time.monotonic() + within_s
+    alive = pids
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if procs.start_time(p) is not None]
+        if not alive:
+            break
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.parametrize(("sig", "world_size", "code"), [(signal.SIGTERM, 2, 143), (signal.SIGINT, 1, 130)],
+                         ids=["SIGTERM-ws2", "SIGINT-ws1"])
+def test_signal_stops_every_worker_removes_temp_and_exits_promptly(tmp_path: Path, sig: int, world_size: int,
+                                                                    code: int) -> None:
+    proc, tmp = start_hanging_run(tmp_path, world_size)
+    try:
+        tree = wait_for_hang(proc, tmp, world_size)
+        assert len(tree) >= world_size  # torchrun + its ranks, or the one worker
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert took < 10, f"took {took:.1f} s to stop"
+    line = err.strip().splitlines()[-1]
+    name = signal.Signals(sig).name
+    assert line.startswith(f"stepdiff: interrupted by {name} during case signal-hang: no verdict; every worker "
+                           "stopped"), err
+    assert "Traceback" not in err
+    assert gone(tree, 5) == [], "workers survived the signal"
+    assert list(tmp.glob("stepdiff-*")) == [], "temporary directories left behind"
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["ws1", "ws2"])
+def test_sigkill_of_stepdiff_workers_stop_themselves_and_clean_up(tmp_path: Path, world_size: int) -> None:
+    """stepdiff cannot react to SIGKILL: its workers notice (watchdog) and stop themselves, removing the run dir."""
+    proc, tmp = start_hanging_run(tmp_path, world_size)
+    try:
+        tree = wait_for_hang(proc, tmp, world_size)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert gone(tree, 10) == [], "workers outlived a killed stepdiff"
+    deadline = time.monotonic() + 10
+    while list(tmp.glob("stepdiff-run-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(tmp.glob("stepdiff-run-*")) == [], "the run directory of a killed stepdiff was left behind"
