@@ -81,9 +81,10 @@ def canonical_name(name: str) -> str:
 
 
 def fsdp_full(module: Any, what: str) -> dict[str, Any]:
-    """Unsharded fp32 copies of an FSDP1/FSDP2 module's parameters (`what` = 'param') or gradients ('grad', zeros
-    for a parameter without one) under canonical names. A collective: every rank calls it."""
-    import torch
+    """Unsharded fp32 copies of an FSDP1/FSDP2 module's parameters (`what` = 'param') or gradients ('grad') under
+    canonical names. A parameter without a gradient is left out, never zero-filled: the harness reports a missing
+    gradient as an error (or accepts it where the reference's gradient is exactly zero too). A collective: every rank
+    calls it (a parameter's .grad is None on every rank or on none)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     try:
@@ -98,7 +99,7 @@ def fsdp_full(module: Any, what: str) -> dict[str, Any]:
         for n, p in module.named_parameters():
             t = p if what == "param" else p.grad
             if t is None:
-                t = torch.zeros_like(p)
+                continue
             if isinstance(t, DTensor):
                 t = t.full_tensor()
             out[canonical_name(n)] = _copy(t)
@@ -114,10 +115,9 @@ def _unwrapped_parameters(model: Any) -> list[tuple[str, Any]]:
 
 
 def module_grads(model: Any) -> dict[str, Any]:
-    """fp32 copies of a (possibly DDP-wrapped) module's .grad, zeros where a parameter has none."""
-    import torch
-
-    return {n: _copy(p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in _unwrapped_parameters(model)}
+    """fp32 copies of a (possibly DDP-wrapped) module's .grad. A parameter without one is left out, never zero-filled
+    (the harness reports it as a missing gradient)."""
+    return {n: _copy(p.grad) for n, p in _unwrapped_parameters(model) if p.grad is not None}
 
 
 def module_params(model: Any) -> dict[str, Any]:

@@ -141,3 +141,59 @@ def test_kept_directory_is_not_answered_by_a_previous_run(tmp_path: Path) -> Non
         out = subprocess.run([sys.executable, "-m", "stepdiff", "run", str(case), "--keep", str(keep)],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == expected, out.stdout[-2000:]
+
+
+def test_read_outs_leave_out_a_missing_gradient_never_zero_fill_it() -> None:
+    """verl's FSDP and TRL's module read-outs used to write zeros for a parameter without .grad (a divergence, exit
+    1, instead of a missing gradient, exit 2)."""
+    import torch
+
+    from stepdiff.adapters.readouts import module_grads
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[0](torch.ones(1, 3)).sum().backward()  # the second layer gets no gradient
+    grads = module_grads(model)
+    assert set(grads) == {"0.weight", "0.bias"}
+
+
+def test_a_missing_gradient_is_an_error_unless_the_correct_one_is_zero() -> None:
+    import torch
+
+    from stepdiff.harness import spec as S
+    from stepdiff.harness.compare import validate_record
+    from stepdiff.harness.errors import WorkerError
+    from stepdiff.harness.record import Record, RecordMeta, StepRecord
+
+    spec = S.from_dict({"case": {"name": "r"}})
+    ref_grads = {"a": torch.ones(2), "b": torch.zeros(2)}
+    ref = Record(RecordMeta("reference", "-", "-", "-", "cpu", 1, "float32"),
+                 [StepRecord(1.0, None, ref_grads, {"a": torch.ones(2), "b": torch.ones(2)})])
+
+    def rec(grads: dict) -> Record:
+        return Record(RecordMeta("x", "1", "-", "-", "cpu", 1, "float32"),
+                      [StepRecord(1.0, None, grads, {"a": torch.ones(2), "b": torch.ones(2)})])
+
+    validate_record(spec, rec({"a": torch.ones(2)}), ref)  # b's correct gradient is zero: no gradient is right
+    with pytest.raises(WorkerError, match="gradient missing for 1 parameters, e.g. a"):
+        validate_record(spec, rec({"b": torch.zeros(2)}), ref)
+    with pytest.raises(WorkerError, match=r"exactly zero in every element.*e\.g\. a"):
+        validate_record(spec, rec({"a": torch.zeros(2), "b": torch.zeros(2)}), ref)
+    with pytest.raises(WorkerError, match="the reference's model does not have, e.g. 'c'"):
+        validate_record(spec, rec({"a": torch.ones(2), "b": torch.zeros(2), "c": torch.ones(1)}), ref)
+
+
+@pytest.mark.parametrize(("zero_stage", "clip", "expected"), [(2, 0.0, 0.0), (0, 1.0, 0.0), (0, 0.0, None)])
+def test_openrlhf_reported_grad_norm_of_zero_is_a_number(zero_stage: int, clip: float, expected: float | None
+                                                         ) -> None:
+    """OpenRLHF logs 0 for a norm it did not compute only with ZeRO-0 and no clipping; elsewhere 0 is a report."""
+    from stepdiff.adapters.base import WorkerContext
+    from stepdiff.adapters.openrlhf.recorder import Recorder
+    from stepdiff.harness import spec as S
+
+    spec = S.from_dict({"case": {"name": "o"}, "openrlhf": {"zero_stage": zero_stage},
+                        "optimizer": {"clip_grad_norm": clip}})
+    r = Recorder(spec, grad_hooks=True)
+    r.logs = [{"loss_mean": 1.5, "grad_norm": 0.0}]
+    ctx = WorkerContext(rank=0, world_size=1, local_rank=0, device="cpu", scratch=Path("."))
+    losses, norms, _ = r.step_scalars(ctx)
+    assert losses == [1.5] and norms == [expected]

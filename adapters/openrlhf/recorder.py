@@ -186,9 +186,13 @@ class Recorder:
             torch.distributed.all_reduce(t)
             t /= ctx.world_size
         norms: list[float | None] = []
+        # OpenRLHF logs 0 for a grad norm it did not compute (ZeRO-0 without clipping, cpu-recipe note 9): only there
+        # is 0 "not reported"; anywhere else a reported 0 is a number to compare, never dropped
+        zero_stage = getattr(self.spec.knobs_for("openrlhf"), "zero_stage", None)
+        zero_means_none = zero_stage == 0 and not self.spec.optimizer.clip_grad_norm
         for s in range(b.steps):
             v = self.logs[s].get("grad_norm") if s < len(self.logs) else None
             if v is None and s < len(self.steps):
                 v = self.steps[s].get("engine_norm")
-            norms.append(float(v) if v is not None and float(v) > 0 else None)
+            norms.append(None if v is None or (zero_means_none and float(v) == 0) else float(v))
         return [float(x) for x in t], norms, source
