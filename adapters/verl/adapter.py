@@ -38,7 +38,7 @@ from stepdiff.harness.spec import Spec
 
 from ..base import Adapter, Capabilities, Driven, WorkerContext, knob_names
 from ..common import has_module, set_dist_env
-from . import cpu
+from . import cpu, sft_data
 from .common import CLIP_OFF
 from .knobs import VerlKnobs
 
@@ -77,7 +77,16 @@ def _deps(version: str | None) -> list[str]:
     if v >= (0, 7):
         return [*common, "numpy<2", "tensordict==0.10.0", "transformers<5", "uvicorn", "fastapi",
                 "einops", "pyarrow>=19,<22"]
-    return [*common, "numpy<2", "tensordict>=0.8,<=0.9.1,!=0.9.0", "transformers<4.56", "einops", "pyarrow>=19,<22"]
+    older = ["setuptools<81"] if v < (0, 5) else []  # 0.4's verl/__init__ imports pkg_resources
+    return [*common, "numpy<2", "tensordict>=0.8,<=0.9.1,!=0.9.0", "transformers<4.56", "einops", "pyarrow>=19,<22",
+            *older]
+
+
+FLASH_ATTN = "2.8.3"
+"""flash-attn's sdist, installed without building kernels: verl's remove-padding path imports its pure-torch
+bert_padding module (cpu.FLASH_ATTN_KERNELS)."""
+LEGACY_SFT_LAST = (0, 7, 0)
+"""The last release that ships verl.trainer.fsdp_sft_trainer (removed in 0.7.1)."""
 
 
 class VerlAdapter(Adapter):
@@ -113,7 +122,48 @@ class VerlAdapter(Adapter):
 
     @classmethod
     def install_steps(cls, version: str | None) -> list[list[str]]:
-        return [["--no-deps", f"verl=={version}" if version else "verl"]]
+        return [["--no-deps", f"verl=={version}" if version else "verl"],
+                ["--no-deps", "--no-build-isolation", f"flash-attn=={FLASH_ATTN}"]]
+
+    @classmethod
+    def build_env(cls, version: str | None) -> dict[str, str]:
+        return {"FLASH_ATTENTION_SKIP_CUDA_BUILD": "TRUE", "FLASH_ATTENTION_FORCE_BUILD": "TRUE"}
+
+    @staticmethod
+    def host_impl(k: VerlKnobs, version: str | None) -> str:
+        """`resolve_impl` decided on the host from the release number (the worker decides from what is installed:
+        the same answer for every release)."""
+        if k.impl != "auto":
+            return k.impl
+        v = release(version)
+        if k.path == "sft":
+            return "legacy" if v <= LEGACY_SFT_LAST else "engine"
+        if k.path == "actor":
+            return "legacy" if v < (0, 8) else "engine"
+        return "engine"
+
+    @classmethod
+    def unsupported_sft(cls, spec: Spec, version: str | None, k: VerlKnobs) -> str | None:
+        v = release(version)
+        impl = cls.host_impl(k, version)
+        if impl == "engine" and k.dataset == "single-turn":
+            return ("verl's engine SFTTrainer reads only MultiTurnSFTDataset (its create_sft_dataset): use "
+                    "verl.dataset = 'multi-turn' or 'auto' (each sample becomes a user/assistant conversation)")
+        if impl == "legacy" and v > LEGACY_SFT_LAST:
+            return f"verl {version} has no legacy fsdp_sft_trainer (removed in 0.7.1): use verl.impl = 'engine'"
+        if impl == "legacy" and k.dataset == "multi-turn" and v < (0, 4):
+            return f"verl {version} has no MultiTurnSFTDataset (added in 0.4.0)"
+        dataset: sft_data.Dataset = "multi-turn" if impl == "engine" or k.dataset == "multi-turn" else "single-turn"
+        reason = sft_data.unsupported(spec, dataset)
+        if reason:
+            return reason
+        o = spec.optimizer
+        if impl == "legacy" and v < (0, 6) and (o.name != "adamw" or o.eps != 1e-8):
+            return (f"verl {version}'s fsdp_sft_trainer hard-codes torch.optim.AdamW(lr, betas, weight_decay) "
+                    "(build_optimizer from 0.6): optimizer.name must be 'adamw' with eps = 1e-8")
+        if impl == "legacy" and v[:3] == (0, 4, 0) and k.strategy == "fsdp2" and spec.run.device == "cpu":
+            return "verl 0.4.0's FSDP2 state-dict loader calls torch.cuda: on CPU use verl.strategy = 'fsdp1'"
+        return None
 
     @classmethod
     def unsupported_knobs(cls, spec: Spec, version: str | None) -> str | None:
@@ -123,6 +173,12 @@ class VerlAdapter(Adapter):
             return f"verl.path = {k.path!r} trains loss.kind = {want!r}, the spec has {spec.loss.kind!r}"
         if k.path == "sft" and spec.loss.aggregation != "token-mean":
             return "verl's SFT losses have no aggregation knob (token mean); loss.aggregation must be 'token-mean'"
+        if k.path == "sft":
+            reason = cls.unsupported_sft(spec, version, k)
+            if reason:
+                return reason
+        elif k.dataset != "auto":
+            return "verl.dataset chooses an SFT dataset: leave it 'auto' for the RL paths"
         if k.path == "critic" and k.impl == "legacy":
             return "verl.impl = 'legacy' has no critic here (the legacy dp_critic is not driven); use impl = 'engine'"
         if k.path != "sft":
@@ -143,6 +199,7 @@ class VerlAdapter(Adapter):
     def setup(self, ctx: WorkerContext) -> None:
         set_dist_env(ctx)
         applied = cpu.install_ray_stub()
+        applied += cpu.install_flash_attn_stub()
         if ctx.device == "cpu":
             os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # ENGINE_REGISTRY (0.9): the lookup key only
             applied += cpu.install_cpu_platform()
@@ -156,7 +213,7 @@ class VerlAdapter(Adapter):
         import verl
 
         ctx.state["version"] = getattr(verl, "__version__", "unknown")
-        applied += cpu.patch_attention_utils()  # only where flash_attn is missing (always on CPU)
+        applied += cpu.patch_attention_utils()  # 0.6.x only: it picks flash_attn.bert_padding only on CUDA
         if ctx.device == "cpu":
             applied += cpu.patch_cpu_memory_stats()
             applied += cpu.patch_fsdp1_sync_module_states()

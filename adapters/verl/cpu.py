@@ -7,12 +7,14 @@ the loss, its aggregation, the backward or the optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -31,9 +33,28 @@ ENGINE_REGISTRY = Patch(
 FSDP1_SYNC = Patch(
     "torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states", "no-op (FSDP1 only)",
     "torch refuses sync_module_states with CPU parameters; gloo broadcasts them fine")
+FLASH_ATTN_KERNELS = Patch(
+    "sys.modules['flash_attn_2_cuda']", "a stub module whose attributes raise AttributeError",
+    "flash-attn is installed from its sdist without CUDA kernels; flash_attn/__init__ imports the kernel module, and "
+    "verl's remove-padding path imports flash_attn.bert_padding (pure torch: unpad_input, pad_input, "
+    "index_first_axis). No kernel is ever called")
 ATTENTION_UTILS = Patch(
-    "verl.utils.attention_utils._get_attention_functions", "pure-torch unpad_input/pad_input/index_first_axis "
-    "(0.5-0.8)", "they import flash_attn.bert_padding on non-NPU hosts; verl 0.9 ships the same fallbacks")
+    "verl.utils.attention_utils._get_attention_functions", "flash_attn.bert_padding's functions, what its CUDA branch "
+    "imports (0.6.x only)", "0.6 imports them only when CUDA is available and fails on a CPU host")
+QWEN_VL_UTILS = Patch(
+    "sys.modules['qwen_vl_utils']", "a stub whose functions raise (0.7.0 only)",
+    "0.7.0's multiturn_sft_dataset imports vision_utils -> qwen_vl_utils -> torchvision at module level; no image or "
+    "video is processed")
+ATTN_KERNEL = Patch(
+    "verl.trainer.fsdp_sft_trainer.AutoModelForCausalLM.from_pretrained", "the spec's attention kernel (legacy SFT "
+    "trainer)", "the trainer hard-codes attn_implementation='flash_attention_2' (needs a GPU)")
+PRECISION = Patch(
+    "verl.trainer.fsdp_sft_trainer.MixedPrecision/MixedPrecisionPolicy", "param_dtype = the spec's dtype (fp32)",
+    "the legacy SFT trainer hard-codes bf16 FSDP parameters; the spec is fp32 everywhere (with AUTOCAST)")
+FSDP1_ORIG_PARAMS = Patch(
+    "verl.trainer.fsdp_sft_trainer.FSDP", "FSDP1 with use_orig_params=True (read-out only)",
+    "the trainer wraps with use_orig_params=False, under which torch cannot summon per-parameter gradients; the math "
+    "is the same")
 AUTOCAST = Patch(
     "<module>.torch.autocast", "a disabled torch.autocast, only in the modules that hard-code bf16 autocast "
     "(0.7 engine transformer_impl, 0.5/0.6 fsdp_sft_trainer)",
@@ -46,8 +67,8 @@ VALUEHEAD_LOADER = Patch(
     "attention kernel (0.8/0.9)", "the release hard-codes flash_attention_2")
 RAY_STUB = Patch("ray", "a stub module (ray is not installed)",
                  "verl imports ray at module level; nothing ray-backed runs")
-PATCHES = (PLATFORM, ATTN_CONFIG, ENGINE_REGISTRY, FSDP1_SYNC, ATTENTION_UTILS, AUTOCAST, CPU_MEMORY, VALUEHEAD_LOADER,
-           RAY_STUB)
+PATCHES = (PLATFORM, ATTN_CONFIG, ENGINE_REGISTRY, FSDP1_SYNC, FLASH_ATTN_KERNELS, ATTENTION_UTILS, QWEN_VL_UTILS,
+           ATTN_KERNEL, PRECISION, FSDP1_ORIG_PARAMS, AUTOCAST, CPU_MEMORY, VALUEHEAD_LOADER, RAY_STUB)
 
 APPLIED: set[Patch] = set()
 """Every patch applied in this process (patches persist across the runs a worker serves)."""
@@ -252,35 +273,30 @@ def register_cpu_engines() -> list[Patch]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ATTENTION_UTILS: verl.utils.attention_utils imports flash_attn.bert_padding on non-NPU hosts (0.5-0.8)
+# FLASH_ATTN_KERNELS: flash-attn is installed from its sdist without CUDA kernels. verl's remove-padding path
+# (verl.utils.attention_utils, 0.5-0.8 unconditionally, 0.9 when present) imports flash_attn.bert_padding, which is
+# pure torch; flash_attn/__init__ imports the kernel module first. ATTENTION_UTILS: 0.6.x picks flash_attn only when
+# CUDA is available and fails on CPU: it gets flash_attn.bert_padding's functions, the ones its CUDA branch imports.
 
 
-def _unpad_input(hidden_states: Any, attention_mask: Any, unused_mask: Any = None) -> Any:
-    import torch
-    import torch.nn.functional as F
+def install_flash_attn_stub() -> list[Patch]:
+    """A `flash_attn_2_cuda` module whose attributes raise: only where flash-attn is installed without kernels."""
+    if "flash_attn_2_cuda" in sys.modules or importlib.util.find_spec("flash_attn") is None:
+        return []
+    try:
+        importlib.import_module("flash_attn_2_cuda")
+        return []
+    except ImportError:
+        pass
+    stub = types.ModuleType("flash_attn_2_cuda")
 
-    all_masks = (attention_mask + unused_mask) if unused_mask is not None else attention_mask
-    seqlens_in_batch = all_masks.sum(dim=-1, dtype=torch.int32)
-    used_seqlens_in_batch = attention_mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(all_masks.flatten(), as_tuple=False).flatten()
-    max_seqlen_in_batch = int(seqlens_in_batch.max().item())
-    cu_seqlens = F.pad(torch.cumsum(seqlens_in_batch, dim=0, dtype=torch.int32), (1, 0))
-    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
-    return (flat[indices], indices, cu_seqlens, max_seqlen_in_batch, used_seqlens_in_batch)
+    def __getattr__(name: str) -> Any:  # noqa: N807
+        # AttributeError (not RuntimeError): hasattr()/inspect probe modules for __file__ and the like
+        raise AttributeError(f"flash_attn_2_cuda.{name}: flash-attn CUDA kernels are not built in this environment")
 
-
-def _pad_input(hidden_states: Any, indices: Any, batch: int, seqlen: int) -> Any:
-    import torch
-
-    out = torch.zeros((batch * seqlen, *hidden_states.shape[1:]), device=hidden_states.device,
-                      dtype=hidden_states.dtype)
-    out[indices] = hidden_states
-    return out.reshape(batch, seqlen, *hidden_states.shape[1:])
-
-
-def _index_first_axis(x: Any, indices: Any) -> Any:
-    return x.reshape(x.shape[0], -1).index_select(0, indices).reshape(-1, *x.shape[1:]) if x.dim() > 1 \
-        else x.index_select(0, indices)
+    stub.__getattr__ = __getattr__  # type: ignore[attr-defined,method-assign]
+    sys.modules["flash_attn_2_cuda"] = stub
+    return _applied([FLASH_ATTN_KERNELS])
 
 
 def patch_attention_utils() -> list[Patch]:
@@ -292,13 +308,69 @@ def patch_attention_utils() -> list[Patch]:
         return []
     try:
         au._get_attention_functions()
-        return []  # the release ships pure-torch fallbacks (0.9) or flash_attn is installed
-    except Exception:  # ImportError (flash_attn), or 0.6's UnboundLocalError on a host with neither CUDA nor NPU
+        return []  # the release imports flash_attn.bert_padding itself (0.5, 0.7-0.9)
+    except (NameError, UnboundLocalError):  # 0.6: neither its CUDA nor its NPU branch ran
         pass
-    from einops import rearrange
+    from flash_attn.bert_padding import index_first_axis, pad_input, rearrange, unpad_input
 
-    au._get_attention_functions = lambda: (_index_first_axis, _pad_input, rearrange, _unpad_input)  # type: ignore[attr-defined]
+    functions = (index_first_axis, pad_input, rearrange, unpad_input)
+    au._get_attention_functions = lambda: functions  # type: ignore[attr-defined]
     return _applied([ATTENTION_UTILS])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QWEN_VL_UTILS: 0.7.0's multiturn_sft_dataset imports vision_utils, which imports qwen_vl_utils (and torchvision) at
+# module level; no image or video is ever processed here.
+
+
+def install_qwen_vl_utils_stub() -> list[Patch]:
+    if importlib.util.find_spec("qwen_vl_utils") is not None or "qwen_vl_utils" in sys.modules:
+        return []
+    stub = types.ModuleType("qwen_vl_utils")
+
+    def _unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("qwen_vl_utils is not installed: no image/video processing in this environment")
+
+    stub.fetch_image = stub.fetch_video = _unavailable  # type: ignore[attr-defined]
+    sys.modules["qwen_vl_utils"] = stub
+    return _applied([QWEN_VL_UTILS])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Legacy fsdp_sft_trainer (<= 0.7.0) hard-codes, in its own module namespace: attn_implementation="flash_attention_2"
+# (ATTN_KERNEL), bf16 FSDP param dtype (PRECISION; with AUTOCAST for its bf16 autocast) and FSDP1 with
+# use_orig_params=False (FSDP1_ORIG_PARAMS: per-parameter gradients cannot be summoned otherwise). Each is a context
+# manager that restores the module's names afterwards.
+
+
+@contextlib.contextmanager
+def legacy_sft_trainer_patches(fst: Any, attn_implementation: str, param_dtype: Any) -> Iterator[list[Patch]]:
+    real_auto, real_mp, real_mpp, real_fsdp = (fst.AutoModelForCausalLM, fst.MixedPrecision, fst.MixedPrecisionPolicy,
+                                               fst.FSDP)
+
+    class _AutoModelForCausalLM:
+        @staticmethod
+        def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+            kwargs["attn_implementation"] = attn_implementation
+            return real_auto.from_pretrained(*args, **kwargs)
+
+    def mixed_precision(**kwargs: Any) -> Any:
+        return real_mp(**{**kwargs, "param_dtype": param_dtype})
+
+    def mixed_precision_policy(**kwargs: Any) -> Any:
+        return real_mpp(**{**kwargs, "param_dtype": param_dtype})
+
+    class _FSDP(real_fsdp):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "use_orig_params": True})
+
+    fst.AutoModelForCausalLM, fst.MixedPrecision, fst.MixedPrecisionPolicy, fst.FSDP = (
+        _AutoModelForCausalLM, mixed_precision, mixed_precision_policy, _FSDP)
+    try:
+        yield _applied([ATTN_KERNEL, PRECISION, FSDP1_ORIG_PARAMS])
+    finally:
+        fst.AutoModelForCausalLM, fst.MixedPrecision, fst.MixedPrecisionPolicy, fst.FSDP = (
+            real_auto, real_mp, real_mpp, real_fsdp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

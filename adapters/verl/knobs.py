@@ -19,3 +19,7 @@ class VerlKnobs:
     strategy: Literal["fsdp2", "fsdp1"] = doc("fsdp2", "FSDP implementation (fsdp1 at world size 1 only).")
     use_remove_padding: bool = doc(True, "verl's use_remove_padding (packed sequences); 0.7.x engine without it "
                                          "builds the attention mask from the padded response mask.")
+    dataset: Literal["auto", "single-turn", "multi-turn"] = doc(
+        "auto", "SFT: which verl dataset reads the spec's samples: SFTDataset (prompt/response columns; legacy "
+        "trainer only), MultiTurnSFTDataset (a user/assistant conversation), or auto: the trainer's default "
+        "(SFTDataset for the legacy fsdp_sft_trainer, MultiTurnSFTDataset for the engine SFTTrainer).")
