@@ -1,10 +1,12 @@
 """verl adapter: verl's own SFT, PPO-actor and critic code paths against the reference, with real-release negative
 controls (VE-1 legacy actor mean of micro-batch means, VE-2 engine critic sum of micro-batch means, VE-3 legacy SFT
-trainer sum of micro-batch means, the 0.7.1 engine's padded-response attention mask without remove-padding).
+trainer sum of micro-batch means, VE-4 the legacy SFT trainer's loss-mask off-by-one in its multi-turn (0.4-0.5) and
+single-turn (0.6-0.7.0) phases, the 0.7.1 engine's padded-response attention mask without remove-padding).
 
 Every verdict comes from the numbers: the fitted micro-batch weights are checked against the patterns the token
-counts predict, and every buggy release's fixed release must come out clean. The default suite needs three verl
-environments (0.5.0, 0.7.1, 0.9.1); 0.6.1, 0.8.0, world size 2, FSDP1 and the other aggregations are `slow`.
+counts predict (micro-batch fit) or the token-level fit names (loss-mask phases, VE-4), and every buggy release's
+fixed release must come out clean. The default suite needs four verl environments (0.5.0, 0.6.0, 0.7.1, 0.9.1);
+0.4.1, 0.6.1, 0.7.0, 0.8.0, world size 2, FSDP1 and the other aggregations are `slow`.
 """
 
 from __future__ import annotations
@@ -67,8 +69,59 @@ def test_capabilities_and_unsupported() -> None:
     assert "policy" in VerlAdapter.unsupported(_spec("verl-sft", path="actor"))
     assert "fsdp1" in VerlAdapter.unsupported(_spec("verl-actor", strategy="fsdp1").replace(batch__world_size=2))
     assert "supervise" in VerlAdapter.unsupported(_spec("verl-actor").replace(data__supervise="all"))
-    assert VerlAdapter.install_steps("0.7.1") == [["--no-deps", "verl==0.7.1"]]
+    assert VerlAdapter.install_steps("0.7.1") == [["--no-deps", "verl==0.7.1"],
+                                                  ["--no-deps", "--no-build-isolation", "flash-attn==2.8.3"]]
+    assert VerlAdapter.build_env("0.7.1")["FLASH_ATTENTION_SKIP_CUDA_BUILD"] == "TRUE"
     assert "numpy<2" in VerlAdapter.requirements("0.5.0") and "numpy>=2" in VerlAdapter.requirements("0.9.1")
+    assert "setuptools<81" in VerlAdapter.requirements("0.4.1")
+    # the SFT datasets: what they cannot carry is unsupported, with the reason
+    sft = _spec("verl-sft")
+    assert "adamw" in VerlAdapter.unsupported(sft.replace(optimizer__name="sgd"), "0.5.0")  # AdamW hard-coded
+    assert VerlAdapter.unsupported(sft.replace(optimizer__name="sgd"), "0.6.1") is None  # build_optimizer
+    assert "MultiTurnSFTDataset" in VerlAdapter.unsupported(_spec("verl-sft", dataset="single-turn"), "0.9.1")
+    assert "removed in 0.7.1" in VerlAdapter.unsupported(_spec("verl-sft", impl="legacy"), "0.7.1")
+    assert "append_eos" in VerlAdapter.unsupported(sft.replace(data__append_eos=False), "0.5.0")
+    assert VerlAdapter.unsupported(_spec("verl-sft", dataset="multi-turn").replace(data__append_eos=False),
+                                   "0.5.0") is None
+    assert "supervise" in VerlAdapter.unsupported(sft.replace(data__supervise="all"), "0.9.1")
+    assert "fsdp1" in VerlAdapter.unsupported(_spec("verl-sft-multiturn-mask"), "0.4.0")  # torch.cuda in its loader
+    assert "SFT dataset" in VerlAdapter.unsupported(_spec("verl-actor", dataset="multi-turn"), "0.9.1")
+
+
+def test_sft_files_carry_the_spec_ids_in_the_sampler_order() -> None:
+    """The tokenizer maps the spec's ids one to one (chat template adds nothing), and the parquet row order makes
+    DistributedSampler(shuffle=True, seed=0) deal every rank the spec's samples of each step, in order."""
+    import torch
+    from torch.utils.data import DistributedSampler
+    from transformers import AutoTokenizer
+
+    from stepdiff.adapters.verl import sft_data
+
+    spec = _spec("verl-sft").replace(batch__world_size=2, batch__steps=3)
+    smp = D.samples(spec)
+    rows = sft_data.row_order(spec)
+    assert sorted(rows) == list(range(spec.samples_per_step * spec.batch.steps))
+    per_rank = spec.samples_per_step // 2
+    for rank in (0, 1):
+        sampler = DistributedSampler(list(range(len(rows))), num_replicas=2, rank=rank, shuffle=True, drop_last=True)
+        sampler.set_epoch(0)
+        dealt = [rows[i] for i in sampler]
+        for step in range(spec.batch.steps):
+            got = [[*smp[i].prompt, *smp[i].response] for i in dealt[step * per_rank:(step + 1) * per_rank]]
+            sft_data.check_rows(spec, step, rank, got)
+    with pytest.raises(RuntimeError, match="row 0"):
+        sft_data.check_rows(spec, 0, 1, [[*smp[0].prompt, *smp[0].response]])
+    tok_dir = Path(__import__("tempfile").mkdtemp())
+    sft_data.write_tokenizer(spec.replace(model__vocab_size=70000), tok_dir)  # past the first character plane
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = [5, 17, 65533, 65534, 69999, 1]
+    assert tok(sft_data.text(ids), add_special_tokens=False)["input_ids"] == ids
+    conversation = [{"role": "user", "content": sft_data.text(ids[:2])},
+                    {"role": "assistant", "content": sft_data.text(ids[2:])}]
+    rendered = tok.apply_chat_template(conversation, tokenize=False)
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == ids
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+    assert torch.equal(torch.tensor(tok(sft_data.text(ids) + tok.eos_token)["input_ids"][-1]), torch.tensor(1))
 
 
 def test_sft_ve3_legacy_trainer_caught_engine_clean() -> None:
@@ -83,6 +136,35 @@ def test_sft_ve3_legacy_trainer_caught_engine_clean() -> None:
     assert 0.5 < bug.max_rel_grad_error < 5
     _assert_clean(ok)
     _assert_weights(ok, [1.0, 1.0])
+
+
+def test_sft_multiturn_mask_050_caught_and_named_060_clean() -> None:
+    """VE-4, multi-turn phase: MultiTurnSFTDataset marks the assistant tokens, fsdp_sft_trainer <= 0.5 reads the mask
+    as prediction positions. One micro-batch per step: only the token-level fit can name it."""
+    spec = _spec("verl-sft-multiturn-mask")
+    runs = _runs(run_case(spec, ["verl==0.5.0", "verl==0.6.0"]))
+    bug, ok = runs["0.5.0"], runs["0.6.0"]
+    for r in (bug, ok):
+        assert r.meta["extra"]["dataset"] == "MultiTurnSFTDataset" and "FSDPSFTTrainer(" in r.meta["code_path"]
+    assert bug.verdict == "diverge" and 0.05 < bug.max_rel_grad_error < 2
+    assert bug.signature.name == "unexplained"  # no re-weighting of micro-batches explains a mask shift
+    assert bug.tokens.name == "token-mask" and bug.tokens.residual < 1e-5
+    assert bug.tokens.text.startswith("first response token never trained; padding after the last token trained")
+    _assert_clean(ok)
+
+
+def test_sft_single_turn_mask_060_caught_and_named_engine_071_clean() -> None:
+    """VE-4, single-turn phase: SFTDataset marks prediction positions, fsdp_sft_trainer >= 0.6 reads them as token
+    membership; verl 0.7.1's only SFT trainer (engine + MultiTurnSFTDataset) trains the right tokens."""
+    spec = _spec("verl-sft-single-turn-mask")
+    runs = _runs(run_case(spec, ["verl==0.6.0", "verl==0.7.1"]))
+    bug, ok = runs["0.6.0"], runs["0.7.1"]
+    assert bug.meta["extra"]["dataset"] == "SFTDataset" and "FSDPSFTTrainer(" in bug.meta["code_path"]
+    assert ok.meta["extra"]["dataset"] == "MultiTurnSFTDataset" and "SFTTrainer(config)" in ok.meta["code_path"]
+    assert bug.verdict == "diverge" and bug.signature.name == "unexplained"
+    assert bug.tokens.name == "token-mask" and bug.tokens.residual < 1e-5
+    assert bug.tokens.text == "last response token (EOS) never trained; last prompt token trained as a target"
+    _assert_clean(ok)
 
 
 def test_actor_ve1_legacy_mean_of_means_engine_clean() -> None:
@@ -138,12 +220,32 @@ def test_critic_ve2_080_vs_091() -> None:
 
 @pytest.mark.slow
 def test_sft_three_way_050_061_engine() -> None:
+    """0.5.0: VE-3 (sum of micro-batch means), right tokens. 0.6.1: VE-3 fixed but the single-turn mask shifted
+    (VE-4) on top of a mean of micro-batch means; with its own multi-turn dataset only the mean of means is left."""
     spec = _spec("verl-sft")
     runs = _runs(run_case(spec, ["verl==0.5.0", "verl==0.6.1", "verl==0.9.1"]))
     assert runs["0.5.0"].signature.name == "microbatch-token-mean-summed"
-    assert runs["0.6.1"].signature.name == "microbatch-token-mean"
-    _assert_weights(runs["0.6.1"], _pattern(spec, "microbatch-token-mean"))
+    assert runs["0.6.1"].verdict == "diverge" and runs["0.6.1"].tokens.name == "token-mask"
     _assert_clean(runs["0.9.1"])
+    multi = _spec("verl-sft", dataset="multi-turn")
+    runs = _runs(run_case(multi, ["verl==0.6.1"]))
+    assert runs["0.6.1"].signature.name == "microbatch-token-mean"
+    _assert_weights(runs["0.6.1"], _pattern(multi, "microbatch-token-mean"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("pin", "dataset", "finding"), [
+    ("verl==0.4.1", "multi-turn", "first response token never trained"),  # first release line with the dataset
+    ("verl==0.4.1", "single-turn", None),
+    ("verl==0.7.0", "single-turn", "last response token (EOS) never trained"),  # last release with the trainer
+    ("verl==0.7.0", "multi-turn", None),
+])
+def test_sft_mask_window_edges(pin: str, dataset: str, finding: str | None) -> None:
+    run = run_case(_spec("verl-sft-multiturn-mask", dataset=dataset), [pin]).runs[0]
+    if finding is None:
+        _assert_clean(run)
+    else:
+        assert run.verdict == "diverge" and run.tokens.text.startswith(finding), run.tokens
 
 
 @pytest.mark.slow

@@ -1,15 +1,27 @@
-"""verl adapter: the spec's steps through verl's own training code (engine workers, legacy actor, legacy SFT trainer).
+"""verl adapter: the spec's steps through verl's own training code (SFT trainers, engine workers, legacy actor).
 
 What runs (knob `path` x `impl`; impl = "auto", the default, is the release's own default: the legacy SFT trainer
-while verl ships it (<= 0.6.x), the legacy actor while `use_legacy_worker_impl=auto` picks it (<= 0.7.x), the engine
+while verl ships it (<= 0.7.0), the legacy actor while `use_legacy_worker_impl=auto` picks it (<= 0.7.x), the engine
 otherwise; the critic is always the engine), one module per code path:
-- sft / engine: `engine_sft` (TrainingWorker.train_batch + sft_loss, verl >= 0.7);
+- sft / engine: `engine_sft` (verl >= 0.7): `verl.trainer.sft_trainer.SFTTrainer(config)` built by its own
+  constructor from its hydra config; its MultiTurnSFTDataset, dataloader, TrainingWorker, FSDP engine, optimizer;
+  fit()'s loop body per step (TrainingWorker.train_batch + sft_loss);
+- sft / legacy: `legacy_sft` (verl <= 0.7.0): `verl.trainer.fsdp_sft_trainer.FSDPSFTTrainer(...)` built the way its
+  run_sft builds it, with its own SFTDataset / MultiTurnSFTDataset (`verl.dataset`), FSDP wrapping, optimizer and
+  scheduler; fit()'s loop body per step (training_step);
 - actor / engine: `engine_actor` (TrainingWorker.train_mini_batch + ppo_loss, verl >= 0.7);
 - critic / engine: `engine_critic` (TrainingWorker(value_model).train_mini_batch + value_loss, verl >= 0.7);
-- actor / legacy: `legacy_actor` (DataParallelPPOActor.update_policy, verl <= 0.7);
-- sft / legacy: `legacy_sft` (FSDPSFTTrainer.training_step, verl <= 0.6).
-The engine paths share `engine` (the TrainingWorker built in-process, no Ray); the legacy paths share `fsdp` (verl's
-FSDP wrapping and the torch optimizer its workers build); all share `common` (config mapping, PPO batches, scalars).
+- actor / legacy: `legacy_actor` (DataParallelPPOActor.update_policy, verl <= 0.7).
+The SFT paths read files stepdiff writes (`sft_data`: a local tokenizer whose ids are the spec's ids, the samples as
+parquet in the trainer's sampler order, checked back row by row) through verl's own config (`trainer_config`). The
+RL engine paths share `engine` (the TrainingWorker built in-process, no Ray); the legacy actor uses `fsdp`; all share
+`common` (config mapping, PPO batches, scalars).
+
+What stepdiff still builds for verl (also in `stepdiff list`, with the reason): the RL batches (rollouts are
+injected, never generated: no vLLM/SGLang on CPU) as `ray_trainer` hands them to the workers; the RL
+TrainingWorker/engine configs (the PPO trainer needs Ray and a rollout engine to construct); the legacy actor's FSDP
+wrapping and optimizer (`fsdp`: what `fsdp_workers.ActorRolloutRefWorker._build_model_optimizer` builds, whose worker
+also builds a rollout).
 
 RL data: responses are the spec's; advantages are Sample.advantage on every response token; old log-probs (actor)
 and old values (critic) are computed with a plain transformers forward of the current weights, so the PPO ratio is
@@ -91,14 +103,19 @@ LEGACY_SFT_LAST = (0, 7, 0)
 
 class VerlAdapter(Adapter):
     name = "verl"
-    fuzz_knobs: dict[str, tuple[object, ...]] = {"path": ()}  # `stepdiff fuzz`: the path follows loss.kind
-    version_dists = ("verl", "tensordict", "numpy")
+    # `stepdiff fuzz`: the path follows loss.kind; the SFT dataset only matters for one path (fuzz it explicitly)
+    fuzz_knobs: dict[str, tuple[object, ...]] = {"path": (), "dataset": ()}
+    version_dists = ("verl", "tensordict", "numpy", "flash-attn")
+    # verl <= 0.5's fsdp_sft_trainer (the SFT path's default there) builds only AdamW(lr, betas, weight_decay)
+    conformance_optimizer = {"name": "adamw", "lr": 0.01}
     capabilities = Capabilities(
         framework="verl",
-        runs="sft/engine: TrainingWorker.train_batch + sft_loss; actor/engine: TrainingWorker.train_mini_batch + "
-             "ppo_loss; critic/engine: TrainingWorker(value_model).train_mini_batch + value_loss (FSDPEngine "
-             "forward_backward_batch + optimizer_step); actor/legacy: DataParallelPPOActor.update_policy; "
-             "sft/legacy: FSDPSFTTrainer.training_step",
+        runs="sft/engine: SFTTrainer(config) (its MultiTurnSFTDataset, dataloader, TrainingWorker, FSDP engine, "
+             "optimizer) + fit()'s step: TrainingWorker.train_batch + sft_loss; sft/legacy: FSDPSFTTrainer(config, "
+             "meshes, tokenizer, SFTDataset|MultiTurnSFTDataset) + fit()'s step: training_step; actor/engine: "
+             "TrainingWorker.train_mini_batch + ppo_loss; critic/engine: TrainingWorker(value_model)."
+             "train_mini_batch + value_loss (FSDPEngine forward_backward_batch + optimizer_step); actor/legacy: "
+             "DataParallelPPOActor.update_policy",
         readouts=READOUTS,
         knobs=knob_names(VerlKnobs),
         devices=("cpu", "cuda"),
@@ -108,7 +125,14 @@ class VerlAdapter(Adapter):
         loss_kinds=("sft", "policy", "value"),
         patches=cpu.PATCHES,
         notes=(
-            "engine paths need verl >= 0.7; legacy actor <= 0.7.x; legacy fsdp_sft_trainer <= 0.6.x",
+            "engine paths need verl >= 0.7; legacy actor <= 0.7.x; legacy fsdp_sft_trainer <= 0.7.0",
+            "stepdiff builds for SFT only the files verl reads: a tokenizer whose ids are the spec's (no hub), the "
+            "samples as parquet (in the sampler's order) and the model directory; verl builds every tensor and mask",
+            "stepdiff builds for RL the batch ray_trainer hands the workers (rollouts injected: no vLLM/SGLang on "
+            "CPU), the TrainingWorker/actor configs (the PPO trainer needs Ray and a rollout to construct) and, for "
+            "the legacy actor, the FSDP wrapping + optimizer fsdp_workers builds (its worker also builds a rollout)",
+            "legacy SFT lr: verl's cosine schedule over 1e12 steps (equal to the constant lr in double precision; "
+            "no constant schedule before 0.7); verl <= 0.5's SFT trainer builds only AdamW",
             f"clip_grad_norm = 0 is verl clip {CLIP_OFF:g} (verl has no off switch; the coefficient clamps to "
             "exactly 1)",
             "advantages are token-level Sample.advantage; old log-probs/values are the current ones (ratio 1)",
