@@ -11,17 +11,17 @@ otherwise; the critic is always the engine), one module per code path:
   scheduler; fit()'s loop body per step (training_step);
 - actor / engine: `engine_actor` (TrainingWorker.train_mini_batch + ppo_loss, verl >= 0.7);
 - critic / engine: `engine_critic` (TrainingWorker(value_model).train_mini_batch + value_loss, verl >= 0.7);
-- actor / legacy: `legacy_actor` (DataParallelPPOActor.update_policy, verl <= 0.7).
+- actor / legacy: `legacy_actor` (verl <= 0.7): `fsdp_workers.ActorRolloutRefWorker(config, role='actor')` built
+  in-process from its hydra config; its init_model (FSDP wrapping, build_optimizer) and update_actor(DataProto) ->
+  DataParallelPPOActor.update_policy.
 The SFT paths read files stepdiff writes (`sft_data`: a local tokenizer whose ids are the spec's ids, the samples as
 parquet in the trainer's sampler order, checked back row by row) through verl's own config (`trainer_config`). The
-RL engine paths share `engine` (the TrainingWorker built in-process, no Ray); the legacy actor uses `fsdp`; all share
-`common` (config mapping, PPO batches, scalars).
+RL engine paths share `engine` (the TrainingWorker built in-process, no Ray); all share `common` (config mapping,
+PPO batches, scalars).
 
 What stepdiff still builds for verl (also in `stepdiff list`, with the reason): the RL batches (rollouts are
-injected, never generated: no vLLM/SGLang on CPU) as `ray_trainer` hands them to the workers; the RL
-TrainingWorker/engine configs (the PPO trainer needs Ray and a rollout engine to construct); the legacy actor's FSDP
-wrapping and optimizer (`fsdp`: what `fsdp_workers.ActorRolloutRefWorker._build_model_optimizer` builds, whose worker
-also builds a rollout).
+injected, never generated: no vLLM/SGLang on CPU) as `ray_trainer` hands them to the workers; the engine paths'
+TrainingWorker/engine configs (the PPO trainer that would build them needs Ray and a rollout engine to construct).
 
 RL data: responses are the spec's; advantages are Sample.advantage on every response token; old log-probs (actor)
 and old values (critic) are computed with a plain transformers forward of the current weights, so the PPO ratio is
@@ -115,6 +115,7 @@ class VerlAdapter(Adapter):
              "meshes, tokenizer, SFTDataset|MultiTurnSFTDataset) + fit()'s step: training_step; actor/engine: "
              "TrainingWorker.train_mini_batch + ppo_loss; critic/engine: TrainingWorker(value_model)."
              "train_mini_batch + value_loss (FSDPEngine forward_backward_batch + optimizer_step); actor/legacy: "
+             "fsdp_workers.ActorRolloutRefWorker(role='actor').init_model + update_actor -> "
              "DataParallelPPOActor.update_policy",
         readouts=READOUTS,
         knobs=knob_names(VerlKnobs),
@@ -129,8 +130,8 @@ class VerlAdapter(Adapter):
             "stepdiff builds for SFT only the files verl reads: a tokenizer whose ids are the spec's (no hub), the "
             "samples as parquet (in the sampler's order) and the model directory; verl builds every tensor and mask",
             "stepdiff builds for RL the batch ray_trainer hands the workers (rollouts injected: no vLLM/SGLang on "
-            "CPU), the TrainingWorker/actor configs (the PPO trainer needs Ray and a rollout to construct) and, for "
-            "the legacy actor, the FSDP wrapping + optimizer fsdp_workers builds (its worker also builds a rollout)",
+            "CPU) and the engine paths' TrainingWorker configs (the PPO trainer that builds them needs Ray and a "
+            "rollout); the legacy actor is fsdp_workers.ActorRolloutRefWorker(role='actor') from verl's config",
             "legacy SFT lr: verl's cosine schedule over 1e12 steps (equal to the constant lr in double precision; "
             "no constant schedule before 0.7); verl <= 0.5's SFT trainer builds only AdamW",
             f"clip_grad_norm = 0 is verl clip {CLIP_OFF:g} (verl has no off switch; the coefficient clamps to "
