@@ -33,6 +33,12 @@ class Unsupported(Exception):
     such field). The harness reports it as the `unsupported` verdict with this message, never as a pass."""
 
 
+class ReleaseLookupError(Exception):
+    """Raised on the host by `requirements()` / `install_steps()` when what a release needs cannot be determined
+    (e.g. the dependency pins of an unlisted release cannot be read). The harness reports it as an environment that
+    cannot be built (a one-line usage error): never an unpinned install that tests something else."""
+
+
 @dataclass(frozen=True)
 class Patch:
     """A monkeypatch an adapter applies to run on CPU, with the exact target and why it does not touch the math.

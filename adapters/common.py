@@ -136,3 +136,34 @@ def has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+class _Any:
+    """Marks an `absent_ok` entry whose absence is harmless whatever the wanted value."""
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Any()
+
+
+def config_kwargs(cls: Any, wanted: dict[str, Any], absent_ok: dict[str, tuple[Any, str]],
+                  absent: dict[str, str]) -> dict[str, Any]:
+    """The keyword arguments of the release's config dataclass `cls` among `wanted`.
+
+    A wanted field the release's `cls` does not have is `Unsupported` (the run would silently test something other
+    than the spec), unless `absent_ok` names it with the value that means "off" (or ANY) and why a release without
+    the field behaves as asked; those go into `absent` ({'Cls.field': why}) for the record."""
+    import dataclasses
+
+    from .base import Unsupported
+
+    have = {f.name for f in dataclasses.fields(cls)}
+    for name in sorted(k for k in wanted if k not in have):
+        off, why = absent_ok.get(name, (None, ""))
+        if not why or (off is not ANY and wanted[name] != off):
+            raise Unsupported(f"{cls.__name__} of this release has no field {name!r} (wanted {wanted[name]!r}): "
+                              "it cannot take this setting, so the run would not be the spec's")
+        absent[f"{cls.__name__}.{name}"] = why
+    return {k: v for k, v in wanted.items() if k in have}

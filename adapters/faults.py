@@ -19,14 +19,15 @@ from typing import Literal
 from stepdiff.harness.record import Record
 from stepdiff.harness.spec import Spec, doc
 
-from .base import Adapter, Capabilities, WorkerContext
+from .base import Adapter, Capabilities, Unsupported, WorkerContext
 from .reference import ReferenceAdapter
 
 
 @dataclass(frozen=True)
 class FaultKnobs:
     mode: Literal["none", "crash", "hang", "exception", "nan", "missing", "no-step", "scale", "drop",
-                  "mask-first", "pad-supervised", "decay-without-lr", "zero-filled"] = doc("none", "What goes wrong.")
+                  "mask-first", "pad-supervised", "decay-without-lr", "zero-filled",
+                  "unsupported"] = doc("none", "What goes wrong.")
     scale: float = doc(2.0, "mode=scale: factor applied to every gradient and update.")
     drop: int = doc(1, "mode=drop: index of the micro-batch (rank 0) whose contribution is removed.", minimum=0)
     rank: int = doc(-1, "Only this rank misbehaves (the others run correctly); -1 = every rank.", minimum=-1)
@@ -61,6 +62,8 @@ class FaultsAdapter(Adapter):
         if k.mode == "hang":
             print("faults: simulated hang", flush=True)
             time.sleep(10**6)
+        if k.mode == "unsupported":  # a knob the installed release cannot take, found inside the worker
+            raise Unsupported("faults: simulated knob this release cannot take")
         if k.mode == "exception":
             raise RuntimeError("faults: simulated framework exception")
         if k.mode == "mask-first":  # an off-by-one loss mask: the first response token is never a target

@@ -153,9 +153,14 @@ def request_for(adapter: str, version: str | None, extra_pins: tuple[str, ...] =
         out = [pinned.get(_dist_name(r), r) if not r.startswith("-") else r for r in reqs]
         return out
 
-    reqs = apply(cls.requirements(version))
+    from stepdiff.adapters.base import ReleaseLookupError
+
+    try:
+        reqs = apply(cls.requirements(version))
+        steps = [tuple(apply(step)) for step in cls.install_steps(version)]
+    except ReleaseLookupError as e:
+        raise EnvironmentBuildError(f"{adapter}=={version}: {e}") from None
     have = {_dist_name(r) for r in reqs}
-    steps = [tuple(apply(step)) for step in cls.install_steps(version)]
     have |= {_dist_name(a) for step in steps for a in step if not a.startswith("-")}
     reqs += [p for name, p in pinned.items() if name not in have]
     return EnvRequest(adapter, version, tuple(reqs), tuple(sorted(cls.build_env(version).items())), tuple(steps),

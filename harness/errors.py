@@ -60,3 +60,11 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, where: str = "", stopped: list[str] | None = None) -> None:
         self.signum, self.where, self.stopped = signum, where, list(stopped or [])
         super().__init__(signum)
+
+
+class UnsupportedError(WorkerError):
+    """The installed release cannot take a knob of the spec (the adapter raised `Unsupported` inside its worker).
+
+    Becomes the `unsupported` verdict with the adapter's reason: reported, never approximated, never a pass. (Code
+    that only knows WorkerError reports it as an error, which is never a pass either.)
+    """

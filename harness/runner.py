@@ -15,7 +15,7 @@ from typing import Any
 from . import envs, outcome, pins, progress
 from .compare import RunResult, compare
 from .diff import dict_diff
-from .errors import Interrupted, UsageError, WorkerError
+from .errors import Interrupted, UnsupportedError, UsageError, WorkerError
 from .model import parameter_shapes, write_init_weights
 from .pins import FrameworkPin
 from .record import Record
@@ -169,6 +169,8 @@ def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound:
         rec = Record.load(wdir / "record")
         result = compare(spec, rec, ref, init_tensors, bound, name, version)
         result.meta = _meta_dict(rec)
+    except UnsupportedError as e:  # the release cannot take a knob: reported with its reason, exit 4
+        result = RunResult(name, version, "unsupported", e.message, bound, log_tail=e.log_tail)
     except WorkerError as e:
         result = RunResult(name, version, "error", e.message, bound, log_tail=e.log_tail)
     result.extra_pins = pin.extra

@@ -17,7 +17,7 @@ from typing import Any
 from . import envs
 from .compare import RunResult, compare
 from .diff import dict_diff
-from .errors import WorkerError
+from .errors import UnsupportedError, WorkerError
 from .model import write_init_weights
 from .record import Record
 from .registry import get_adapter
@@ -109,6 +109,8 @@ class Session:
             rec = self.framework(spec, init)
             result = compare(spec, rec, ref, load_file(str(init)), bound, self.pin.name, self.pin.version)
             result.meta = asdict(rec.meta)
+        except UnsupportedError as e:
+            result = RunResult(self.pin.name, self.pin.version, "unsupported", e.message, bound, log_tail=e.log_tail)
         except WorkerError as e:
             result = RunResult(self.pin.name, self.pin.version, "error", e.message, bound, log_tail=e.log_tail)
         result.extra_pins = self.pin.extra

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
 
-    from stepdiff.adapters.base import WorkerContext
+    from stepdiff.adapters.base import Unsupported, WorkerContext
     from stepdiff.harness.registry import get_adapter
     from stepdiff.harness.spec import from_dict
 
@@ -102,5 +102,6 @@ def main(argv: list[str]) -> int:
         except Exception as e:  # reported to the harness as an error verdict, with the traceback
             tb = traceback.format_exc()
             print(tb, flush=True)
-            _write_json(res_path, {"ok": False, "error": f"{type(e).__name__}: {e}", "rank": rank, "traceback": tb})
+            _write_json(res_path, {"ok": False, "error": f"{type(e).__name__}: {e}", "rank": rank, "traceback": tb,
+                                   "unsupported": str(e) if isinstance(e, Unsupported) else None})
         i += 1

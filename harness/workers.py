@@ -27,7 +27,7 @@ from typing import Any
 from stepdiff._util import free_port
 
 from . import procs
-from .errors import WorkerError
+from .errors import UnsupportedError, WorkerError
 from .worker_main import result_path
 
 PACKAGES = ("stepdiff", "stepdiff.harness", "stepdiff.adapters", "stepdiff.reports")
@@ -188,6 +188,8 @@ class Worker:
 
     def _failure(self, results: dict[int, dict[str, Any]]) -> WorkerError:
         failed = {r: v for r, v in sorted(results.items()) if not v.get("ok")}
+        if failed and all(v.get("unsupported") for v in failed.values()):  # the release cannot take a knob: not an error
+            return UnsupportedError(str(next(iter(failed.values()))["unsupported"]), tail(self.log))
         what = "; ".join(f"rank {r}: {v.get('error')}" if self.world_size > 1 else str(v.get("error"))
                          for r, v in failed.items())
         return WorkerError(f"{self.adapter} worker failed: {what}", tail(self.log))

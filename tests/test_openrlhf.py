@@ -157,6 +157,8 @@ def test_bf16_and_real_deepspeed_adam(case: S.Spec, tmp_path: Path) -> None:
 def test_flat_cli_and_first_response_token_dropped(case: S.Spec, tmp_path: Path) -> None:
     """Flat CLI spelling (<= 0.10.1). OR-2: 0.6.2's labels and 0.7.0's loss mask start one token late (first
     response token never trained); 0.10.1's mask is the spec's and shows only the mean of means."""
+    # these releases build their optimizer themselves: DeepSpeed's torch_adam switch cannot reach it (unsupported)
+    case = case.replace(openrlhf={**FAST, "adam_impl": "deepspeed"})
     runs = by_label(run_case(case, ["openrlhf==0.6.2", "openrlhf==0.7.0", "openrlhf==0.10.1"], workdir=tmp_path))
     flat = runs["openrlhf==0.10.1"]
     want = spec_targets(case)

@@ -66,14 +66,13 @@ class OpenRLHFAdapter(Adapter):
     def requirements(cls, version: str | None) -> list[str]:
         ds, tf, _ = env.release_pins(version)
         extra = ["ray"] if env.imports_ray_on_sft_path(version) else []
-        return [f"deepspeed=={ds}" if ds else "deepspeed", f"transformers=={tf}" if tf else "transformers",
-                *env.SFT_PATH_PACKAGES, *extra]
+        return [ds, tf, *env.SFT_PATH_PACKAGES, *extra]
 
     @classmethod
     def install_steps(cls, version: str | None) -> list[list[str]]:
         _, _, fa = env.release_pins(version)
         return [["--no-deps", f"openrlhf=={version}" if version else "openrlhf"],
-                ["--no-deps", "--no-build-isolation", f"flash-attn=={fa}"]]
+                ["--no-deps", "--no-build-isolation", fa]]
 
     @classmethod
     def build_env(cls, version: str | None) -> dict[str, str]:

@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from ..base import Unsupported
+
 # concept -> candidate option strings, newest spelling first
 FLAGS: dict[str, tuple[str, ...]] = {
     "model": ("--model.model_name_or_path", "--pretrain"),
@@ -47,8 +49,8 @@ FLAGS: dict[str, tuple[str, ...]] = {
 OPTIONAL = {"eval_split"}  # passed only where the release's parser defines the option
 
 
-class CliError(RuntimeError):
-    """The installed release's CLI cannot express a spec field (reported as the run's error)."""
+class CliError(Unsupported):
+    """The installed release's CLI cannot express a spec field: the run is `unsupported` (exit 4) with this reason."""
 
 
 def find_flag(options: dict[str, Any], concept: str) -> str | None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from stepdiff._util import version_tuple
 
+from ..base import ReleaseLookupError
+
 # (deepspeed, transformers, flash-attn) each release pins (its wheel's Requires-Dist). Unknown releases are read from
 # the wheel's metadata with `pip download --no-deps` (see release_pins).
 RELEASE_PINS: dict[str, tuple[str, str, str]] = {
@@ -36,37 +38,60 @@ SFT_PATH_PACKAGES = ["peft", "torchdata", "datasets", "pylatexenc", "sympy", "ei
                      "packaging", "psutil", "ninja", "tqdm", "jsonlines"]
 
 
-
-
 def imports_ray_on_sft_path(version: str | None) -> bool:
     """Releases before 0.10.0 import ray at module level on the SFT path (openrlhf.trainer/__init__ ->
     ppo_trainer -> ppo_utils.experience_maker): ray is installed there, imported only, never started."""
     return version is not None and version_tuple(version)[:2] < (0, 10)
 
 
-@functools.cache
-def release_pins(version: str | None) -> tuple[str | None, str | None, str]:
-    """(deepspeed, transformers, flash-attn) pins of an OpenRLHF release; None = unpinned (newest)."""
-    if version is None:
-        return (None, None, "2.8.3")
-    if version in RELEASE_PINS:
-        return RELEASE_PINS[version]
-    try:  # an unlisted release: read its wheel's Requires-Dist (pip's ordinary client, no install)
-        with tempfile.TemporaryDirectory() as d:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", d,
-                            f"openrlhf=={version}"], check=True, capture_output=True, timeout=120)
-            whl = next(Path(d).glob("*.whl"))
-            with zipfile.ZipFile(whl) as z:
-                meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-                text = z.read(meta).decode()
-    except Exception:
-        return (None, None, "2.8.3")
-    pins: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("Requires-Dist:") and "extra ==" not in line:
-            req = line.split(":", 1)[1].strip()
-            for dist in ("deepspeed", "transformers", "flash-attn"):
-                if req.startswith(dist + "=="):
-                    pins[dist] = req.split("==", 1)[1].strip()
-    return (pins.get("deepspeed"), pins.get("transformers"), pins.get("flash-attn", "2.8.3"))
+FLASH_ATTN = "2.8.3"
+"""flash-attn (sdist, no kernels: only its pure-torch bert_padding is imported) where a release does not pin one."""
 
+
+@functools.cache
+def release_pins(version: str | None) -> tuple[str, str, str]:
+    """(deepspeed, transformers, flash-attn) requirements of an OpenRLHF release (None = the newest release), e.g.
+    ('deepspeed==0.18.9', 'transformers==5.5.4', 'flash-attn==2.8.3'). Listed releases come from RELEASE_PINS; any
+    other is read from its wheel's Requires-Dist. A release whose pins cannot be read is a `ReleaseLookupError`,
+    never an unpinned install (that would test another deepspeed than the release ships with)."""
+    if version in RELEASE_PINS:
+        ds, tf, fa = RELEASE_PINS[version]
+        return f"deepspeed=={ds}", f"transformers=={tf}", f"flash-attn=={fa}"
+    wanted = f"openrlhf=={version}" if version else "openrlhf"
+    try:  # an unlisted release: read its wheel's Requires-Dist (pip's ordinary client, no install)
+        text = _wheel_metadata(wanted)
+    except Exception as e:
+        raise ReleaseLookupError(
+            f"the deepspeed/transformers pins of {wanted} could not be read from its wheel ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else 'no detail'}); add the release to "
+            "RELEASE_PINS in stepdiff/adapters/openrlhf/env.py or pin both in the version set, e.g. "
+            f"-f '{wanted},deepspeed==X,transformers==Y'") from None
+    reqs = requires_dist(text)
+    missing = [d for d in ("deepspeed", "transformers") if d not in reqs]
+    if missing:
+        raise ReleaseLookupError(f"{wanted} declares no {' and no '.join(missing)} requirement in its wheel metadata; "
+                                 "pin them in the version set")
+    return reqs["deepspeed"], reqs["transformers"], reqs.get("flash-attn", f"flash-attn=={FLASH_ATTN}")
+
+
+def _wheel_metadata(requirement: str) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", d,
+                        requirement], check=True, capture_output=True, text=True, timeout=120)
+        whl = next(Path(d).glob("*.whl"))
+        with zipfile.ZipFile(whl) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            return z.read(meta).decode()
+
+
+def requires_dist(metadata: str) -> dict[str, str]:
+    """{distribution: its requirement} of the unconditional Requires-Dist lines of a wheel's METADATA."""
+    out: dict[str, str] = {}
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist:") and ";" not in line:
+            req = line.split(":", 1)[1].strip().replace(" ", "").replace("(", "").replace(")", "")
+            name = req
+            for sep in ("==", ">=", "<=", "~=", "!=", ">", "<", "["):
+                name = name.split(sep, 1)[0]
+            out[name.lower().replace("_", "-")] = req
+    return out

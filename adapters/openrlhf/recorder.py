@@ -22,7 +22,7 @@ from typing import Any
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
-from ..base import WorkerContext
+from ..base import Unsupported, WorkerContext
 from ..readouts import deepspeed_grads, deepspeed_params, wrapped
 
 
@@ -127,7 +127,12 @@ class Recorder:
         training = kw.get("optimizer") is not None or (isinstance(cfg, dict) and "optimizer" in cfg)
         if isinstance(cfg, dict) and training and self.ds_config is None:  # the training engine
             self.optimizer_from_config = "optimizer" in cfg
-            if self.torch_adam and "optimizer" in cfg:
+            if self.torch_adam and "optimizer" not in cfg:
+                raise Unsupported("openrlhf.adam_impl = 'torch': this release builds its optimizer itself "
+                                  "(strategy.create_optimizer: FusedAdam / DeepSpeedCPUAdam), not from the DeepSpeed "
+                                  "config, so DeepSpeed's torch_adam switch cannot reach it; use adam_impl = "
+                                  "'deepspeed'")
+            if self.torch_adam:
                 cfg = {**cfg, "zero_force_ds_cpu_optimizer": False,
                        "optimizer": {**cfg["optimizer"],
                                      "params": {**cfg["optimizer"].get("params", {}), "torch_adam": True}}}

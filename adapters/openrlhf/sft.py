@@ -146,13 +146,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: OpenRLHFKnobs) -> 
     seen: dict[str, Any] = {}
     run_cli(rec, want, seen)
     fit_s = time.perf_counter() - t0
-    warnings = []
-    if k.adam_impl == "torch":
-        if rec.optimizer_from_config:
-            applied.append(cpu.TORCH_ADAM.target)
-        else:  # releases <= 0.10.1 build FusedAdam / DeepSpeedCPUAdam themselves (strategy.create_optimizer)
-            warnings.append("adam_impl = 'torch' not applied: this release builds its optimizer itself "
-                            "(strategy.create_optimizer), not from the DeepSpeed config")
+    if k.adam_impl == "torch":  # (a release that builds its own optimizer raised Unsupported in the recorder)
+        applied.append(cpu.TORCH_ADAM.target)
 
     rec.check_placement(ctx.rank)
     init = _load_safetensors(init_path)
@@ -194,7 +189,7 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: OpenRLHFKnobs) -> 
     if torch.distributed.is_initialized() and ctx.world_size > 1:
         torch.distributed.barrier()
     return Driven(steps=steps, framework_version=version, code_path=CODE_PATH,
-                  readout=READOUTS[0 if k.readout == "hooks" else 1], patches=applied, warnings=warnings,
+                  readout=READOUTS[0 if k.readout == "hooks" else 1], patches=applied,
                   extra=extra, timings={"cli_s": fit_s})
 
 

@@ -13,7 +13,7 @@ from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
 from ..base import Patch, WorkerContext
-from ..common import make_optimizer
+from ..common import config_kwargs, make_optimizer
 
 HUGE_CLIP = 1e9
 """max_grad_norm used where the Trainer logs no grad norm without clipping: the clip coefficient clamps to exactly 1."""
@@ -62,13 +62,38 @@ def config_fields(cls: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def normalise(cls: Any, wanted: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """The keyword arguments of `cls` (a TrainingArguments subclass) among `wanted`; the absent ones are noted."""
-    have = config_fields(cls)
-    absent = sorted(k for k in wanted if k not in have)
-    if absent:
-        notes.append(f"{cls.__name__} of this release has no {', '.join(absent)} (left out)")
-    return {k: v for k, v in wanted.items() if k in have}
+ABSENT_OK: dict[str, tuple[Any, str]] = {
+    # field: (the value that means "off", why a release without the field runs as asked)
+    "overwrite_output_dir": (True, "output-directory handling only (removed in transformers 5)"),
+    "group_by_length": (False, "no length-grouped sampler in the release (removed in transformers 5)"),
+    "warmup_ratio": (0.0, "warmup_steps = 0 is set (transformers 5 has warmup_steps only)"),
+    "train_sampling_strategy": ("sequential", "the trainer gets SEQUENTIAL_SAMPLER instead (sequential_sampler)"),
+    "max_length": (None, "the release spells it max_seq_length (set: no truncation)"),
+    "max_seq_length": (None, "the release spells it max_length (set to None: no truncation)"),
+    "max_prompt_length": (None, "the release has no prompt truncation"),
+    "max_completion_length": (None, "the release has no completion truncation (DPO)"),
+    "activation_offloading": (False, "the release has no activation offloading"),
+    "assistant_only_loss": (False, "the release has no assistant-only masks"),
+    "pad_to_multiple_of": (None, "the release pads to the longest sequence only"),
+    "padding_free": (False, "the release has no padding-free batching"),
+    "shuffle_dataset": (False, "the release does not shuffle the dataset itself"),
+    "ld_alpha": (None, "the release has no LD-DPO length weighting"),
+    "loss_weights": (None, "the release has one DPO loss type, unweighted"),
+    "use_weighting": (False, "the release has no WPO weighting"),
+    "use_logits_to_keep": (False, "the release computes logits for every position"),
+    "reference_free": (False, "the release always uses the reference model (ref_model is given)"),
+    "rpo_alpha": (None, "the release has no RPO NLL term"),
+    "use_liger_loss": (False, "the release has no separate Liger GRPO loss (use_liger_kernel = False is set)"),
+}
+"""Config fields a release may lack without the run changing: each is pinned to its "off" value, and the release
+without it has no such feature. Any other absent field is `Unsupported` (see common.config_kwargs)."""
+
+
+def trainer_config(cls: Any, wanted: dict[str, Any], absent: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """The release's TRL config (SFTConfig, DPOConfig, GRPOConfig) from `wanted`, refusing what it cannot take; and
+    the keyword arguments it was built from."""
+    kwargs = config_kwargs(cls, wanted, ABSENT_OK, absent)
+    return cls(**kwargs), kwargs
 
 
 def common_args(spec: Spec, ctx: WorkerContext, out_dir: str, trainer_cls: Any, ds_config: dict | None,

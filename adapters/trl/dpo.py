@@ -11,6 +11,7 @@ reference log-probs, max_length None (no truncation), dropout disabled.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
@@ -55,6 +56,18 @@ def placement(spec: Spec, cap: Capture) -> dict[str, list[int]]:
     return targets
 
 
+def config_request(spec: Spec, ctx: WorkerContext, knobs: TRLKnobs, trainer_cls: Any) -> dict[str, Any]:
+    """DPOConfig's keyword arguments from the spec."""
+    args = C.common_args(spec, ctx, str(ctx.scratch / "dpo"), trainer_cls, None, knobs.gradient_checkpointing)
+    dpo = dict(beta=spec.rl.dpo_beta, loss_type=["sigmoid"], loss_weights=None, label_smoothing=0.0,
+               max_length=None, max_prompt_length=None, max_completion_length=None, truncation_mode="keep_start",
+               padding_free=False, precompute_ref_log_probs=False, disable_dropout=True, rpo_alpha=None,
+               ld_alpha=None, use_weighting=False, sync_ref_model=False, reference_free=False,
+               f_divergence_type="reverse_kl", use_logits_to_keep=False, dataset_num_proc=None,
+               remove_unused_columns=False, shuffle_dataset=False)
+    return {**args, **dpo}
+
+
 def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> Driven:
     import datasets
     import transformers
@@ -71,15 +84,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> D
         rows.append({"prompt": C.ids_to_text(s.prompt, spec), "chosen": " " + C.ids_to_text(s.response, spec),
                      "rejected": " " + C.ids_to_text(s.rejected, spec)})
     ds = datasets.Dataset.from_list(rows)
-    args = C.common_args(spec, ctx, str(ctx.scratch / "dpo"), Trainer, None, knobs.gradient_checkpointing)
-    dpo = dict(beta=spec.rl.dpo_beta, loss_type=["sigmoid"], loss_weights=None, label_smoothing=0.0,
-               max_length=None, max_prompt_length=None, max_completion_length=None, truncation_mode="keep_start",
-               padding_free=False, precompute_ref_log_probs=False, disable_dropout=True, rpo_alpha=None,
-               ld_alpha=None, use_weighting=False, sync_ref_model=False, reference_free=False,
-               f_divergence_type="reverse_kl", use_logits_to_keep=False, dataset_num_proc=None,
-               remove_unused_columns=False, shuffle_dataset=False)
-    kwargs = C.normalise(DPOConfig, {**args, **dpo}, notes)
-    cfg = DPOConfig(**kwargs)
+    absent: dict[str, str] = {}
+    cfg, kwargs = C.trainer_config(DPOConfig, config_request(spec, ctx, knobs, Trainer), absent)
     model = build_model(spec, init_path).to(ctx.torch_device)
     ref_model = build_model(spec, init_path).to(ctx.torch_device)
     model.train()
@@ -88,7 +94,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> D
                                             train_dataset=ds, callbacks=cap.callbacks()))
     patches = [p.target for p in C.sequential_sampler(trainer, DPOConfig)]
     run_trainer(trainer, cap, deepspeed=False)
-    extra = {"trainer": "DPOTrainer", "config": {k: v for k, v in kwargs.items() if k != "output_dir"}}
+    extra = {"trainer": "DPOTrainer", "config": {k: v for k, v in kwargs.items() if k != "output_dir"},
+             "absent_config_fields": absent}
     code_path = (f"trl.DPOTrainer.train (trl {trl.__version__}, transformers {transformers.__version__}, "
                  "sigmoid loss, explicit ref_model)")
     return finish(spec, cap, trainer, notes, patches, extra, code_path, placement(spec, cap))

@@ -109,6 +109,28 @@ def placement(spec: Spec, cap: Capture) -> dict[str, list[int]]:
     return targets
 
 
+def config_request(spec: Spec, ctx: WorkerContext, knobs: TRLKnobs, trainer_cls: Any) -> dict[str, Any]:
+    """GRPOConfig's keyword arguments from the spec."""
+    lt = loss_type(spec, knobs)
+    b, rl = spec.batch, spec.rl
+    n_total = spec.samples_per_step * b.steps
+    longest = max(len(s.response) for s in D.samples(spec)[:n_total])
+    max_len = rl.max_response_len or longest
+    args = C.common_args(spec, ctx, str(ctx.scratch / "grpo"), trainer_cls, None, knobs.gradient_checkpointing)
+    grpo = dict(num_generations=rl.group_size, steps_per_generation=b.grad_accum, generation_batch_size=None,
+                num_iterations=1, beta=0.0, loss_type=lt, mask_truncated_completions=rl.mask_truncated,
+                scale_rewards="none" if rl.advantage == "group-centered" else "group",
+                temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+                max_completion_length=max_len, max_prompt_length=None,
+                epsilon=rl.clip_ratio_low, epsilon_high=rl.clip_ratio_high, delta=None,
+                importance_sampling_level="token", top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                use_vllm=False, vllm_importance_sampling_correction=False, use_liger_kernel=False,
+                use_liger_loss=False, shuffle_dataset=False, disable_dropout=True, log_completions=False,
+                reward_weights=None, multi_objective_aggregation="sum_then_normalize", remove_unused_columns=False,
+                cast_lm_head_to_fp32=False, sync_ref_model=False, ds3_gather_for_generation=True)
+    return {**args, **grpo}
+
+
 def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> Driven:
     import datasets
     import transformers
@@ -155,22 +177,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> D
 
     token_reward.__name__ = "spec_reward"
     lt = loss_type(spec, knobs)
-    longest = max(len(s.response) for s in smp[:n_total])
-    max_len = rl.max_response_len or longest
-    args = C.common_args(spec, ctx, str(ctx.scratch / "grpo"), Trainer, None, knobs.gradient_checkpointing)
-    grpo = dict(num_generations=g, steps_per_generation=b.grad_accum, generation_batch_size=None,
-                num_iterations=1, beta=0.0, loss_type=lt, mask_truncated_completions=rl.mask_truncated,
-                scale_rewards="none" if rl.advantage == "group-centered" else "group",
-                temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
-                max_completion_length=max_len, max_prompt_length=None,
-                epsilon=rl.clip_ratio_low, epsilon_high=rl.clip_ratio_high, delta=None,
-                importance_sampling_level="token", top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-                use_vllm=False, vllm_importance_sampling_correction=False, use_liger_kernel=False,
-                use_liger_loss=False, shuffle_dataset=False, disable_dropout=True, log_completions=False,
-                reward_weights=None, multi_objective_aggregation="sum_then_normalize", remove_unused_columns=False,
-                cast_lm_head_to_fp32=False, sync_ref_model=False, ds3_gather_for_generation=True)
-    kwargs = C.normalise(GRPOConfig, {**args, **grpo}, notes)
-    cfg = GRPOConfig(**kwargs)
+    absent: dict[str, str] = {}
+    cfg, kwargs = C.trainer_config(GRPOConfig, config_request(spec, ctx, knobs, Trainer), absent)
     model = build_model(spec, init_path).to(ctx.torch_device)
     model.train()
     cap = Capture(ctx)
@@ -193,7 +201,7 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> D
     adv_err = max((abs(v - adv_spec[int(i)]) for i, v in adv_trl.items()), default=None)
     extra = {"trainer": "GRPOTrainer", "loss_type": lt,
              "config": {k: v for k, v in kwargs.items() if k != "output_dir"}, "advantages_trl": adv_trl,
-             "masked_truncated_samples": cap.excluded,
+             "masked_truncated_samples": cap.excluded, "absent_config_fields": absent,
              "advantages_max_abs_error_vs_spec": adv_err}
     code_path = (f"trl.GRPOTrainer.train (trl {trl.__version__}, transformers {transformers.__version__}, "
                  f"loss_type={lt}, rollout_func injection)")

@@ -60,6 +60,23 @@ def placement(spec: Spec, cap: Capture) -> dict[str, list[int]]:
     return targets
 
 
+def config_request(spec: Spec, ctx: WorkerContext, knobs: TRLKnobs, trainer_cls: Any, new_path: bool) -> dict[str, Any]:
+    """SFTConfig's keyword arguments from the spec (`new_path`: the release has completion_only_loss)."""
+    stage = knobs.deepspeed_zero_stage
+    dsc = C.ds_config(spec, stage, knobs.offload_optimizer) if stage else None
+    args = C.common_args(spec, ctx, str(ctx.scratch / "sft"), trainer_cls, dsc, knobs.gradient_checkpointing)
+    sft: dict[str, Any] = dict(
+        packing=False, padding_free=False, max_length=None, max_seq_length=None, completion_only_loss=True,
+        assistant_only_loss=False, dataset_num_proc=None, use_liger_kernel=False, neftune_noise_alpha=None,
+        activation_offloading=False, shuffle_dataset=False, pad_to_multiple_of=None)
+    if not new_path:  # no completion mask for token data: the labels column carries it
+        del sft["completion_only_loss"]
+        sft["dataset_kwargs"] = {"skip_prepare_dataset": True}
+        sft["remove_unused_columns"] = False
+        sft["max_seq_length"] = 10**6  # no truncation (skip_prepare_dataset: never applied to token data anyway)
+    return {**args, **sft}
+
+
 def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> Driven:
     import datasets
     import transformers
@@ -84,19 +101,10 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> D
     ds = datasets.Dataset.from_list(rows)
 
     stage = knobs.deepspeed_zero_stage
-    dsc = C.ds_config(spec, stage, knobs.offload_optimizer) if stage else None
-    args = C.common_args(spec, ctx, str(ctx.scratch / "sft"), Trainer, dsc, knobs.gradient_checkpointing)
-    sft: dict[str, Any] = dict(
-        packing=False, padding_free=False, max_length=None, max_seq_length=None, completion_only_loss=True,
-        assistant_only_loss=False, dataset_num_proc=None, use_liger_kernel=False, neftune_noise_alpha=None,
-        activation_offloading=False, shuffle_dataset=False, pad_to_multiple_of=None)
-    if not new_path:
-        sft["dataset_kwargs"] = {"skip_prepare_dataset": True}
-        sft["remove_unused_columns"] = False
-        sft.pop("max_seq_length")
-        sft["max_seq_length"] = 10**6  # no truncation (skip_prepare_dataset: never applied to token data anyway)
-    kwargs = C.normalise(SFTConfig, {**args, **sft}, notes)
-    cfg = SFTConfig(**kwargs)
+    wanted = config_request(spec, ctx, knobs, Trainer, new_path)
+    dsc = wanted.get("deepspeed")
+    absent: dict[str, str] = {}
+    cfg, kwargs = C.trainer_config(SFTConfig, wanted, absent)
 
     model = build_model(spec, init_path).to(ctx.torch_device)
     model.train()
@@ -110,7 +118,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, knobs: TRLKnobs) -> D
     run_trainer(trainer, cap, deepspeed=bool(stage))
     extra = {"trainer": "SFTTrainer", "data_path": "input_ids+completion_mask, completion_only_loss=True" if new_path
              else "labels column + DataCollatorForSeq2Seq, skip_prepare_dataset",
-             "config": {k: v for k, v in kwargs.items() if k not in ("output_dir", "deepspeed")}, "ds_config": dsc}
+             "config": {k: v for k, v in kwargs.items() if k not in ("output_dir", "deepspeed")}, "ds_config": dsc,
+             "absent_config_fields": absent}
     code_path = (f"trl.SFTTrainer.train (trl {trl.__version__}, transformers {transformers.__version__}"
                  f"{f', deepspeed ZeRO-{stage}' if stage else ''})")
     return finish(spec, cap, trainer, notes, patches, extra, code_path, placement(spec, cap))

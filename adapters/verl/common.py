@@ -18,7 +18,8 @@ from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
 from ..base import WorkerContext
-from ..common import build_model, step_rank_indices
+from ..common import ANY, build_model, step_rank_indices
+from ..common import config_kwargs as take_config
 
 CLIP_OFF = 1e9
 
@@ -41,15 +42,21 @@ def optim_kwargs(spec: Spec) -> dict[str, Any]:
                 betas=tuple(o.betas), override_optimizer_config={"eps": o.eps})
 
 
-def config_kwargs(cls: Any, kwargs: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """Keep the kwargs this release's config dataclass has; note the dropped ones."""
-    import dataclasses
+ABSENT_OK: dict[str, tuple[Any, str]] = {
+    # field: (the value that means "off" or ANY, why a release without the field runs as asked)
+    "calculate_entropy": (False, "the release's actor config has no entropy switch; entropy_coeff = 0 is set"),
+    "model_config": (ANY, "the critic reads its model config from TrainingWorkerConfig (set there)"),
+}
+"""verl config fields a release may lack without the run changing; any other absent field is `Unsupported`."""
 
-    names = {f.name for f in dataclasses.fields(cls)}
-    dropped = [k for k in kwargs if k not in names]
-    if dropped:
-        notes.append(f"{cls.__name__} has no {', '.join(dropped)} in this release (not set)")
-    return {k: v for k, v in kwargs.items() if k in names}
+
+def config_kwargs(cls: Any, kwargs: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The kwargs this release's config dataclass takes; an absent field is `Unsupported` unless ABSENT_OK says why
+    its absence changes nothing (noted)."""
+    absent: dict[str, str] = {}
+    out = take_config(cls, kwargs, ABSENT_OK, absent)
+    notes += [f"{field} absent in this release: {why}" for field, why in absent.items()]
+    return out
 
 
 def actor_config_kwargs(spec: Spec, strategy: str, mini_batch: int, use_remove_padding: bool) -> dict[str, Any]:
