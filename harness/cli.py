@@ -394,10 +394,17 @@ def cmd_cases(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_help(args: argparse.Namespace) -> int:
+    from .registry import adapter_names, knob_table
     from .spec import field_docs
 
     for name, default, text in field_docs():
         print(f"{name:32s} {default:22s} {text}")
+    for adapter in adapter_names():  # the per-framework tables, from each adapter's knob dataclass
+        rows = knob_table(adapter)
+        if rows:
+            print(f"\n[{adapter}]  knobs of the {adapter} adapter (a table named [{adapter}] in a case file)")
+            for k in rows:
+                print(f"  {k.name:24s} {k.type:34s} {k.default!r:12s} {k.doc}")
     return 0
 
 

@@ -6,7 +6,9 @@ functions), so `import stepdiff` and `stepdiff --help` never import a framework.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +77,33 @@ def knob_class(name: str) -> type | None:
     if not isinstance(cls, type):
         raise TypeError(f"adapter {name!r}: knobs {e.knobs} is not a class")
     return cls
+
+
+@dataclass(frozen=True)
+class KnobDoc:
+    """One knob of an adapter's knob table, as `stepdiff spec-help` prints it."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def knob_table(name: str) -> list[KnobDoc]:
+    """Adapter `name`'s knobs (its `[name]` table in a case file): name, type, default and the one-line doc, read from
+    the knob dataclass itself (empty when it takes none)."""
+    cls = knob_class(name)
+    if cls is None:
+        return []
+    hints = typing.get_type_hints(cls)
+    return [KnobDoc(f.name, _type_name(hints[f.name]), f.default, str(f.metadata.get("doc", "")))
+            for f in dataclasses.fields(cls)]
 
 
 # The built-in adapters. Third-party adapters call register_adapter() the same way.
