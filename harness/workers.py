@@ -188,7 +188,7 @@ class Worker:
 
     def _failure(self, results: dict[int, dict[str, Any]]) -> WorkerError:
         failed = {r: v for r, v in sorted(results.items()) if not v.get("ok")}
-        if failed and all(v.get("unsupported") for v in failed.values()):  # the release cannot take a knob: not an error
+        if failed and all(v.get("unsupported") for v in failed.values()):  # a knob the release cannot take
             return UnsupportedError(str(next(iter(failed.values()))["unsupported"]), tail(self.log))
         what = "; ".join(f"rank {r}: {v.get('error')}" if self.world_size > 1 else str(v.get("error"))
                          for r, v in failed.items())
