@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 from typing import Any
 
+from .. import flash_attn
 from ..base import Patch
 from ..deepspeed import cpu as deepspeed_cpu
 
@@ -41,33 +41,11 @@ PATCHES = (FLASH_ATTN_STUB, CUDA_SET_DEVICE, CUDA_CURRENT_DEVICE, CUDA_SYNCHRONI
            FP32_DTYPE, TORCH_ADAM)
 
 
-def install_flash_attn_stub() -> None:
-    """flash_attn/__init__ imports flash_attn_2_cuda (the CUDA kernels), absent without a CUDA build."""
-    if "flash_attn_2_cuda" in sys.modules:
-        return
-    try:
-        importlib.import_module("flash_attn_2_cuda")
-        return
-    except ImportError:
-        pass
-    stub = types.ModuleType("flash_attn_2_cuda")
-
-    def __getattr__(name: str) -> Any:  # noqa: N807
-        # AttributeError (not RuntimeError): hasattr()/inspect probe modules for __file__ and the like
-        raise AttributeError(f"flash_attn_2_cuda.{name}: flash-attn CUDA kernels are not built in this environment")
-
-    stub.__getattr__ = __getattr__  # type: ignore[attr-defined,method-assign]
-    sys.modules["flash_attn_2_cuda"] = stub
-
-
-
-
 def apply_cpu_patches(device: str) -> list[Patch]:
     """The process-wide patches. Returns the ones actually applied."""
     import torch
 
-    install_flash_attn_stub()
-    applied = [FLASH_ATTN_STUB]
+    applied = [FLASH_ATTN_STUB] if flash_attn.install_kernel_stub() else []
     if device == "cpu":
         torch.cuda.set_device = lambda *a, **k: None
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]

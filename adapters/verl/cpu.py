@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+from .. import flash_attn
 from ..base import Patch
 
 PLATFORM = Patch(
@@ -281,22 +282,7 @@ def register_cpu_engines() -> list[Patch]:
 
 def install_flash_attn_stub() -> list[Patch]:
     """A `flash_attn_2_cuda` module whose attributes raise: only where flash-attn is installed without kernels."""
-    if "flash_attn_2_cuda" in sys.modules or importlib.util.find_spec("flash_attn") is None:
-        return []
-    try:
-        importlib.import_module("flash_attn_2_cuda")
-        return []
-    except ImportError:
-        pass
-    stub = types.ModuleType("flash_attn_2_cuda")
-
-    def __getattr__(name: str) -> Any:  # noqa: N807
-        # AttributeError (not RuntimeError): hasattr()/inspect probe modules for __file__ and the like
-        raise AttributeError(f"flash_attn_2_cuda.{name}: flash-attn CUDA kernels are not built in this environment")
-
-    stub.__getattr__ = __getattr__  # type: ignore[attr-defined,method-assign]
-    sys.modules["flash_attn_2_cuda"] = stub
-    return _applied([FLASH_ATTN_KERNELS])
+    return _applied([FLASH_ATTN_KERNELS]) if flash_attn.install_kernel_stub() else []
 
 
 def patch_attention_utils() -> list[Patch]:
