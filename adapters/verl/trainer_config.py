@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..base import Unsupported
+
 
 def compose(config_name: str) -> Any:
     """The release's trainer config (e.g. 'sft_trainer', 'sft_trainer_engine'), as hydra composes it."""
@@ -38,8 +40,8 @@ def apply(cfg: Any, required: dict[str, Any], optional: dict[str, Any], notes: l
 
     missing = [k for k in required if not has(cfg, k) and not _new_key_ok(cfg, k)]
     if missing:
-        raise RuntimeError(f"this verl release's trainer config has no {', '.join(missing)}: it cannot take the "
-                           "spec's values there")
+        raise Unsupported(f"this verl release's trainer config has no {', '.join(missing)}: it cannot take the "
+                          "spec's values there")
     skipped = [k for k in optional if not has(cfg, k)]
     if skipped:
         notes.append(f"trainer config has no {', '.join(skipped)} in this release (placement/logging only; not set)")
