@@ -207,12 +207,13 @@ class Spec:
     def replace(self, **sections: Any) -> Spec:
         """A copy with whole sections replaced, or `section__field=value` for single fields (re-validated)."""
         raw = to_dict(self)
+        knobs = raw.setdefault("knobs", {})  # an adapter's knob table is replaced where the spec keeps it
         for key, value in sections.items():
             if "__" in key:
                 sec, name = key.split("__", 1)
-                raw.setdefault(sec, {})[name] = to_dict(value)
+                (knobs if sec in knobs else raw).setdefault(sec, {})[name] = to_dict(value)
             else:
-                raw[key] = to_dict(value)
+                (knobs if key in knobs else raw)[key] = to_dict(value)
         return from_dict(raw)
 
 

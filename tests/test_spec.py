@@ -168,3 +168,12 @@ def test_names_become_safe_path_components(tmp_path: Path) -> None:
     (tmp_path / "evil").symlink_to("/")  # a folder already there that points elsewhere does not count as inside
     with pytest.raises(UsageError):
         inside(tmp_path, "evil")
+
+
+def test_replace_a_knob_table_the_case_already_has() -> None:
+    """`spec.replace(openrlhf={...})` and `openrlhf__field=` replace the case's own [openrlhf] table."""
+    base = S.from_dict({"case": {"name": "k"}, "openrlhf": {"zero_stage": 1, "seed": 7}})
+    whole = base.replace(openrlhf={"zero_stage": 3})
+    assert whole.knobs_for("openrlhf").zero_stage == 3 and whole.knobs_for("openrlhf").seed == 42  # whole table
+    one = base.replace(openrlhf__zero_stage=0)
+    assert one.knobs_for("openrlhf").zero_stage == 0 and one.knobs_for("openrlhf").seed == 7  # one field

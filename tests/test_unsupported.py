@@ -211,15 +211,11 @@ def test_openrlhf_torch_adam_on_a_release_that_builds_its_own_optimizer_is_unsup
 @pytest.mark.framework
 def test_openrlhf_flat_cli_release_refuses_a_non_default_eps(tmp_path: Path) -> None:
     """End to end through a real release: openrlhf 0.10.1's CLI has no --adam.eps, so eps = 1e-6 is unsupported."""
-    spec = S.load(resolve_case("openrlhf-sft-mean-of-means")).replace(optimizer__eps=1e-6,
-                                                                      openrlhf={"adam_impl": "deepspeed"})
-    case = tmp_path / "eps.toml"
-    import tomli_w
+    from stepdiff.harness.casefile import write_case
 
-    raw = S.to_dict(spec)
-    raw["case"]["frameworks"] = ["openrlhf==0.10.1"]
-    raw.update(raw.pop("knobs"))
-    case.write_text(tomli_w.dumps(raw))
+    spec = S.load(resolve_case("openrlhf-sft-mean-of-means")).replace(
+        optimizer__eps=1e-6, openrlhf={"adam_impl": "deepspeed"}, case__frameworks=["openrlhf==0.10.1"])
+    case = write_case(spec, tmp_path / "eps.toml")
     code, report, out = stepdiff_run(case)
     assert code == 4, out
     assert "no option for eps" in report["runs"][0]["reason"]
