@@ -168,7 +168,10 @@ def request_for(adapter: str, version: str | None, extra_pins: tuple[str, ...] =
 
 
 def env_dir(req: EnvRequest) -> Path:
-    safe = req.label.replace("==", "-").replace("/", "_").replace(",", "+")
+    """The environment's folder: one safe path component from its label (never a way out of the cache)."""
+    from .safepath import component
+
+    safe = component(req.label.replace("==", "-").replace(",", "+"))
     return cache_root() / "envs" / f"{safe}-{req.key}"
 
 

@@ -80,6 +80,7 @@ def test_a_failure_on_rank_1_reaches_the_verdict(tmp_path: Path) -> None:
     assert "rank 0" not in reason  # rank 0 did not fail
 
 
+@pytest.mark.slow  # a 60 s timeout by design; the rank-1 exception test covers the path in the default suite
 def test_a_hang_on_rank_1_is_a_timeout_naming_it(tmp_path: Path) -> None:
     # the limit includes torchrun's start-up and rank 0's whole run: generous, so rank 0 surely answered
     code, report, _ = run_faults(tmp_path, "hang", timeout_s=60, batch="world_size = 2\n", extra="rank = 1\n")

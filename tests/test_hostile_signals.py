@@ -79,7 +79,7 @@ def test_signal_stops_every_worker_removes_temp_and_exits_promptly(tmp_path: Pat
     assert list(tmp.glob("stepdiff-*")) == [], "temporary directories left behind"
 
 
-@pytest.mark.parametrize("world_size", [1, 2], ids=["ws1", "ws2"])
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["ws1", "ws2"])
 def test_sigkill_of_stepdiff_workers_stop_themselves_and_clean_up(tmp_path: Path, world_size: int) -> None:
     """stepdiff cannot react to SIGKILL: its workers notice (watchdog) and stop themselves, removing the run dir."""
     proc, tmp = start_hanging_run(tmp_path, world_size)
