@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .registry import get_adapter
 from .runner import FrameworkPin, _environment, worker_env
 from .spec import Spec, to_dict
 from .tolerance import Bound, CalibrationError, bound_for
-from .workers import Worker
+from .workers import Worker, make_run_dir, remove_run_dir
 
 
 def spec_key(spec: Spec) -> str:
@@ -40,7 +39,8 @@ class Session:
     def __init__(self, pin: FrameworkPin, workdir: Path | None = None) -> None:
         self.pin = pin
         self.own_dir = workdir is None
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="stepdiff-session-"))
+        # owned like a run directory: removed by a worker's watchdog if this process is killed, swept if left behind
+        self.dir = make_run_dir("stepdiff-session-") if workdir is None else Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.env = _environment(pin)  # UsageError (one line) when it cannot be installed
         self.workers: dict[tuple[str, int], Worker] = {}
@@ -126,7 +126,7 @@ class Session:
         for w in self.workers.values():
             w.close()
         if self.own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_run_dir(self.dir)
 
     def __enter__(self) -> Session:
         return self
