@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import Interrupted, UsageError, one_line
-from .outcome import EXIT_INTERNAL, EXIT_USAGE, exit_code, exit_code_for_signal, signal_name
+from .outcome import EXIT_INTERNAL, EXIT_USAGE, exit_code, exit_code_for_signal, signal_name, worst_verdict
 
 REPORT_TO = ("please report it to the stepdiff maintainers (the issue tracker of the repository you installed "
              "stepdiff from) with the command line and the output of the same command with --debug")
@@ -143,10 +143,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         case_docs.append(case_dict(result))  # every report is rendered from this document
         outputs.print_case(args, case_docs[-1])
     try:
-        return outputs.finish_run(args, case_docs)
+        code = outputs.finish_run(args, case_docs)
     except OSError as e:  # checked before the run, so only a disk that filled up or vanished gets here
         raise UsageError(f"the reports could not be written ({e.strerror or e}); fix: free or fix the output "
                          "location") from None
+    if len(case_docs) > 1:  # each case printed its own verdict: say which one the exit code is
+        worst = worst_verdict(r["verdict"] for c in case_docs for r in c["runs"])
+        print(f"overall: {worst} over {len(case_docs)} cases (exit {code})", file=outputs.report_stream(args),
+              flush=True)
+    return code
 
 
 def cmd_list(args: argparse.Namespace) -> int:

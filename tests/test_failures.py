@@ -103,7 +103,11 @@ def test_exit_code_of_several_cases_is_the_worst_verdict(tmp_path: Path) -> None
         assert out.returncode == code, (cases, out.stderr[-2000:])
         doc = json.loads(report.read_text())
         assert doc["exit_code"] == code
-        assert f"(exit {code})" in out.stdout.splitlines()[-1] or len(cases) > 1
+        last = out.stdout.strip().splitlines()[-1]
+        if len(cases) > 1:
+            assert last == f"overall: {doc['verdict']} over {len(cases)} cases (exit {code})", last
+        else:
+            assert f"(exit {code})" in last
 
 
 def test_synthetic_faults_are_divergences_with_shape(tmp_path: Path) -> None:
