@@ -129,9 +129,12 @@ def watch_harness(poll_s: float = 0.5, cleanup: Iterable[str] = ()) -> threading
             print(f"stepdiff worker {os.getpid()}: the stepdiff process {harness} is gone; stopping", flush=True)
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
-            for child in descendants(os.getpid()):
+            doomed = descendants(os.getpid())
+            if parent not in (harness, 1) and os.getppid() == parent:
+                doomed.append(parent)  # our launcher (torchrun): it has no watchdog of its own
+            for pid in doomed:
                 try:
-                    os.kill(child, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
             os.kill(os.getpid(), signal.SIGKILL)

@@ -151,6 +151,11 @@ class Worker:
             "TORCHELASTIC_ERROR_FILE": str(self.dir / "elastic-error.json"),
             **procs.harness_identity(),
         })
+        # the framework's own temporary files (torchrun's torchelastic_*, compile caches) go inside the worker's
+        # folder, so they leave with it even when a signal kills torchrun before it can clean up
+        tmp = self.dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env.update({"TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)})
         owned = [d for d in _OWNED_DIRS if self.dir == d or d in self.dir.parents]
         env[procs.CLEANUP_DIR] = str(owned[0]) if owned else (str(self.dir) if self.own_dir else "")
         if self.device == "cpu":

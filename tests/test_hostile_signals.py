@@ -76,7 +76,8 @@ def test_signal_stops_every_worker_removes_temp_and_exits_promptly(tmp_path: Pat
                            "stopped"), err
     assert "Traceback" not in err
     assert gone(tree, 5) == [], "workers survived the signal"
-    assert list(tmp.glob("stepdiff-*")) == [], "temporary directories left behind"
+    left = [p.name for p in tmp.iterdir() if p.name.startswith(("stepdiff-", "torchelastic_"))]
+    assert left == [], f"temporary directories left behind: {left}"
 
 
 @pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["ws1", "ws2"])
@@ -90,8 +91,9 @@ def test_sigkill_of_stepdiff_workers_stop_themselves_and_clean_up(tmp_path: Path
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert gone(tree, 10) == [], "workers outlived a killed stepdiff"
+    assert gone(tree, 3) == [], "workers (or torchrun) outlived a killed stepdiff"
     deadline = time.monotonic() + 10
     while list(tmp.glob("stepdiff-run-*")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert list(tmp.glob("stepdiff-run-*")) == [], "the run directory of a killed stepdiff was left behind"
+    left = [p.name for p in tmp.iterdir() if p.name.startswith(("stepdiff-", "torchelastic_"))]
+    assert left == [], f"a killed stepdiff left temporary directories behind: {left}"
