@@ -196,15 +196,19 @@ class BisectResult:
 
 def probe(spec: Spec, target: Target, version: str) -> Probe:
     """One release through `stepdiff run`'s code path. A release that does not install is 'not-installable'."""
+    from .runner import _environment
+
     t0 = time.perf_counter()
+    pin = target.pin(version)
     try:
-        case = run_case(spec, [target.pin(version)], log=lambda _m: None)
-    except UsageError as e:  # the environment could not be built (or the pin is refused)
+        env = _environment(pin)  # built once and cached; a release that does not install is a UsageError
+        build_s = 0.0 if env.cached else env.build_s
+        case = run_case(spec, [pin], log=lambda _m: None)
+    except UsageError as e:
         return Probe(version, "not-installable", reason=str(e)[:300], run_s=time.perf_counter() - t0)
     r = case.runs[0]
     return Probe(version, r.verdict, r.signature.name if r.signature else None, r.max_rel_grad_error,
-                 list(r.fit.weights) if r.fit else None, r.reason[:300], r.timings.get("env_build_s", 0.0),
-                 time.perf_counter() - t0)
+                 list(r.fit.weights) if r.fit else None, r.reason[:300], build_s, time.perf_counter() - t0 - build_s)
 
 
 def bisect(spec: Spec, target: Target, releases: list[str], find_fix: bool = True,

@@ -315,7 +315,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                 save = save.with_name(f"{save.stem}-{pin.label.replace('==', '-').replace(',', '+')}.toml")
         c = fuzz(base, pin, prop=args.property, vary=vary, fix=parse_fix(args.fix or []), limits=limits,
                  profile=args.profile, examples=args.examples, seed=args.seed, max_time=args.max_time,
-                 database=database, save_case=save,
+                 database=database, save_case=save, max_shrink_time=args.max_shrink_time,
                  progress=Progress(pin.label, args.examples or (20 if args.profile == "ci" else 300)))
         campaigns.append(c)
         print(fuzz_summary(c), flush=True)
@@ -520,7 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ci: 20 examples, fixed seed; nightly: 300 examples, random (default ci)")
     fz.add_argument("--examples", type=positive_int, help="configurations to run per framework (overrides the profile)")
     fz.add_argument("--seed", type=int, help="hypothesis seed (default: the profile's)")
-    fz.add_argument("--max-time", type=seconds, metavar="S", help="stop drawing new configurations after S seconds")
+    fz.add_argument("--max-time", type=seconds, metavar="S", help="stop running new configurations after S seconds "
+                    "(searching and shrinking)")
+    fz.add_argument("--max-shrink-time", type=seconds, default=3600.0, metavar="S",
+                    help="time allowed for shrinking a failure (default 3600; hypothesis's own default is 300)")
     fz.add_argument("--save-case", metavar="PATH", help="where to write the minimal failing case "
                     "(default .stepdiff/cases/fuzz-CASE-FRAMEWORK[-PROPERTY].toml; its report is saved beside it)")
     fz.add_argument("--database", metavar="DIR", help="hypothesis example database (default .stepdiff/hypothesis)")

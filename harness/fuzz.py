@@ -17,11 +17,12 @@ next time, `seed`, `examples`, `max_time`; live progress on a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -208,7 +209,7 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
          examples: int | None = None, seed: int | None = None, max_time: float | None = None,
          database: Path | None = DEFAULT_DATABASE, workdir: Path | None = None,
          progress: Progress | None = None, save_case: Path | None | bool = None, reproduce: bool = True,
-         log: Callable[[str], None] | None = None) -> Campaign:
+         log: Callable[[str], None] | None = None, max_shrink_time: float = 3600.0) -> Campaign:
     """Search the configuration space around `base` for one where `pin` disagrees with the reference (or breaks the
     property `prop`), shrink it, and save it as a case (default path under `.stepdiff/cases`; `save_case=False`
     saves nothing)."""
@@ -318,7 +319,8 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
         if use_seed is not None:
             wrapped = hseed(use_seed)(wrapped)
         try:
-            wrapped()
+            with _shrink_budget(max_shrink_time):
+                wrapped()
         except AssertionError:
             ex, detail, cfg = state["last"]
             c.failing = ex
@@ -340,6 +342,21 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
         save_finding(c, base, pin, space, None if save_case in (None, True) else Path(str(save_case)), reproduce,
                      say, workdir)
     return c
+
+
+@contextlib.contextmanager
+def _shrink_budget(seconds: float) -> Iterator[None]:
+    """Hypothesis stops shrinking after 5 minutes (engine.MAX_SHRINKING_SECONDS), which is a few framework runs on
+    a busy CPU: a campaign gets `seconds` instead (its --max-time still stops it earlier)."""
+    from hypothesis.internal.conjecture import engine
+
+    old = getattr(engine, "MAX_SHRINKING_SECONDS", None)
+    engine.MAX_SHRINKING_SECONDS = int(seconds)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if old is not None:
+            engine.MAX_SHRINKING_SECONDS = old  # type: ignore[attr-defined]
 
 
 def _jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
