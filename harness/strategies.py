@@ -305,8 +305,12 @@ def draw_samples(data: Any, space: Space, cfg: Mapping[str, Any]) -> dict[str, A
                                                 st.integers(0, lim.max_extend)) for i in range(n)]),
                           label="data.samples.edits")
         return {"order": list(order), "edits": [list(e) for e in edits]}
+    # the longest prompt and response first, then each sample's lengths up to them: shrinking the two maxima to 1
+    # makes every sample minimal in one step (a framework run per shrink step is the cost that matters)
+    p_max = data.draw(st.integers(1, lim.max_prompt_len), label="data.samples.max_prompt_len")
+    r_max = data.draw(st.integers(1, lim.max_response_len), label="data.samples.max_response_len")
     width = 3 if base.loss.kind == "dpo" else 2  # prompt, response (, rejected) lengths
-    one = st.tuples(st.integers(1, lim.max_prompt_len), *[st.integers(1, lim.max_response_len)] * (width - 1))
+    one = st.tuples(st.integers(1, p_max), *[st.integers(1, r_max)] * (width - 1))
     lengths = data.draw(st.tuples(*[one] * n), label="data.samples.lengths")
     return {"lengths": [list(x) for x in lengths]}
 

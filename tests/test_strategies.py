@@ -63,7 +63,7 @@ def test_default_strategy_covers_the_whole_spec() -> None:
     assert seen["deepspeed.offload_optimizer"] == {"cpu", "none"}
     assert 1e-3 in seen["optimizer.clip_grad_norm"]
     lengths = [len(s.response) for _, spec in runs for s in spec.data.samples]
-    assert min(lengths) == 1 and max(lengths) == 40  # from a lone EOS to long
+    assert min(lengths) == 1 and max(lengths) >= 30  # from a lone EOS to long
     # very unequal micro-batches: some drawn step has one micro-batch with 10x the tokens of another
     ratios = [max(c) / max(min(c), 1) for _, spec in runs for c in D.microbatch_token_counts(spec, 0) if len(c) > 1]
     assert max(ratios) >= 10
