@@ -353,6 +353,9 @@ def fuzz_summary(c: Any) -> str:
             lines.append(f"    variant: {label}")
     if c.result is not None:
         lines.extend("  " + x for x in terminal.detail(c.result))
+    for i in c.other_failures:
+        other = c.examples[i]
+        lines.append(f"  also seen (not shrunk): example #{i} {other.verdict.upper()}: {other.reason[:200]}")
     if c.saved_case:
         lines.append(f"  case written: {c.saved_case}  (stepdiff run {c.saved_case})")
     if c.saved_report:

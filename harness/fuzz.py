@@ -108,6 +108,9 @@ class Campaign:
     """The verdict `stepdiff run` gives the saved case (the proof that it reproduces)."""
     stopped: str | None = None
     """Why the search stopped early (max time), or None."""
+    other_failures: list[int] = field(default_factory=list)
+    """Indices of failing examples of another kind than the one shrunk (e.g. crashes seen while shrinking a
+    divergence): reported, never dropped."""
     elapsed_s: float = 0.0
 
     def count(self, verdict: str) -> int:
@@ -120,8 +123,11 @@ class Campaign:
     @property
     def verdict(self) -> str:
         """error > diverge > unsupported (nothing could run) > agree."""
-        if self.failing is not None:
-            return "error" if self.failing.verdict == "error" else "diverge"
+        kinds = {e.verdict for e in self.examples if e.failing}
+        if "error" in kinds:
+            return "error"
+        if self.failing is not None or kinds:
+            return "diverge"
         return "unsupported" if self.runs == 0 else "agree"
 
     def counts(self) -> dict[str, int]:
@@ -136,7 +142,7 @@ class Campaign:
             "case": self.case, "framework": self.framework, "property": self.prop, "profile": self.profile,
             "seed": self.seed, "max_examples": self.max_examples, "verdict": self.verdict,
             "runs": self.runs, "counts": self.counts(), "stopped": self.stopped, "elapsed_s": round(self.elapsed_s, 1),
-            "dimensions": self.active, "fixed": self.fixed,
+            "dimensions": self.active, "fixed": self.fixed, "other_failures": self.other_failures,
             "failing": None if self.failing is None else {
                 "example": self.failing.to_json(),
                 "changed_from_base": self.changed,
@@ -302,6 +308,13 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
             cfg = ST.draw(data, space, pre)
             ex, detail = run_one(cfg, data)
             if ex.failing:
+                # the first failure's kind is the one shrunk: Hypothesis would otherwise 'slip' from a divergence to
+                # any smaller crash (or back); a failure of the other kind is kept and reported, not shrunk
+                state.setdefault("target", ex.verdict)
+                if ex.verdict != state["target"]:
+                    if ex.index not in c.other_failures:
+                        c.other_failures.append(ex.index)
+                    return
                 state["phase"] = "shrink"
                 state["last"] = (ex, detail, cfg)
                 raise AssertionError(f"{pin.label}: {ex.verdict}: {ex.reason}")
