@@ -338,8 +338,8 @@ def fuzz_summary(c: Any) -> str:
     if c.failing is None:
         if c.runs == 0:
             return f"{c.framework}: UNSUPPORTED - no drawn configuration could run{apart}"
-        ok = "holds" if c.prop else "agrees with the reference"
-        return f"{c.framework}: {what} {ok} on all {c.runs} configurations run{apart}{stop} ({c.elapsed_s:.0f} s)"
+        ok = f"property {c.prop} holds" if c.prop else "agrees with the reference"
+        return f"{c.framework}: {ok} on all {c.runs} configurations run{apart}{stop} ({c.elapsed_s:.0f} s)"
     lines = [f"{c.framework}: {c.failing.verdict.upper()} against {what} - minimal configuration after {c.runs} runs"
              f"{apart}{stop} ({c.elapsed_s:.0f} s):"]
     for k, v in c.changed.items():
