@@ -222,8 +222,10 @@ def _choice(data: Any, dim: str, base: Any, others: Sequence[Any]) -> Any:
     rest = [v for v in others if v != base]
     if not rest:
         return base
-    # sampled_from shrinks toward its first elements: the base value, repeated to weigh BASE_WEIGHT x the rest
-    return data.draw(st.sampled_from([base] * (BASE_WEIGHT * len(rest)) + rest), label=dim)
+    # 'move' shrinks toward 0 (keep the base value); values 1..BASE_WEIGHT keep it too, the top one moves
+    if data.draw(st.integers(0, BASE_WEIGHT), label=f"{dim}.move") < BASE_WEIGHT:
+        return base
+    return data.draw(st.sampled_from(rest), label=dim)
 
 
 def _count(data: Any, dim: str, lo: int, hi: int) -> int:
