@@ -48,7 +48,10 @@ def config(spec: Spec, k: VerlKnobs, model_path: Path, notes: list[str]) -> Any:
         "actor.optim.override_optimizer_config": o["override_optimizer_config"],
         "actor.optim.lr_scheduler_type": "constant", "actor.optim.lr_warmup_steps": 0,
         "actor.optim.lr_warmup_steps_ratio": 0.0, "actor.optim.total_training_steps": b.steps,
+        # fsdp_config.dtype is dp_actor's autocast dtype (bf16 by default, which CPU autocast really computes in);
+        # fp32 turns that autocast off
         "actor.fsdp_config.model_dtype": "fp32", "actor.fsdp_config.mixed_precision": fp32,
+        "actor.fsdp_config.dtype": "fp32", "actor.fsdp_config.strategy": fsdp_strategy(k.strategy),
         "actor.fsdp_config.param_offload": False, "actor.fsdp_config.optimizer_offload": False,
         "actor.fsdp_config.use_orig_params": k.strategy == "fsdp1",  # FSDP1 read-out (same math)
     }
