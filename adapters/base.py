@@ -52,6 +52,19 @@ class Patch:
 
 
 @dataclass(frozen=True)
+class OpBuild:
+    """A JIT-compiled framework op (e.g. DeepSpeed's CPU Adam) built ahead of time in the framework's environment, so
+    its minutes of g++ are paid once, with progress, and never inside a timed run."""
+
+    name: str
+    """Unique name, e.g. 'deepspeed.cpu_adam'."""
+    code: str
+    """Python source run with the environment's python (TORCH_EXTENSIONS_DIR set to the environment's own)."""
+    what: str
+    """One line for the progress message, e.g. "DeepSpeed's CPU Adam (cpu_adam)"."""
+
+
+@dataclass(frozen=True)
 class Capabilities:
     framework: str
     """The distribution name of the framework ('deepspeed'), or 'torch' for the reference."""
@@ -142,6 +155,12 @@ class Adapter:
         """Further `uv pip install` argument lists run after the main install, in order, with the same torch
         constraint and find-links (e.g. ["--no-deps", "openrlhf==0.10.2"] or ["--no-build-isolation", "pkg==1"])."""
         return []
+
+    @classmethod
+    def ops(cls, version: str | None, spec: Spec | None = None) -> tuple[OpBuild, ...]:
+        """JIT-compiled framework ops a run of `spec` would compile (every op the adapter may need when `spec` is
+        None): the harness builds them in the environment before the first run, outside its timeout."""
+        return ()
 
     @classmethod
     def unsupported(cls, spec: Spec, version: str | None = None) -> str | None:

@@ -106,8 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from . import outputs, progress
     from . import spec as S
-    from .runner import parse_pin, run_case
-    from .safepath import inside
+    from .refcache import ReferenceCache
+    from .runner import parse_pin
+    from .schedule import run_cases
 
     outputs.check_run_arguments(args)
     # everything the user gave is checked before any work starts: output paths, every case, every pin, baselines
@@ -136,10 +137,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                       for p in pins]
         outputs.check_baseline(args, spec)
         plan.append((spec, frameworks))
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be >= 1; fix: give a positive number of concurrent workers")
+    with progress.display(quiet=args.quiet):
+        # cases run pipelined (their workers are shared); reports are printed once the live display has ended
+        results = run_cases(plan, workdir=keep, jobs=args.jobs,
+                            cache=ReferenceCache(enabled=False) if args.no_cache else None)
     case_docs = []
-    for spec, frameworks in plan:
-        with progress.display(quiet=args.quiet):
-            result = run_case(spec, frameworks, workdir=inside(keep, spec.case.name) if keep else None)
+    for result in results:
         case_docs.append(case_dict(result))  # every report is rendered from this document
         outputs.print_case(args, case_docs[-1])
     try:
@@ -152,6 +157,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"overall: {worst} over {len(case_docs)} cases (exit {code})", file=outputs.report_stream(args),
               flush=True)
     return code
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else []
+    return bench_main(only, args.rounds, args.quick, args.benchmarks, Path(args.storage), not args.no_save,
+                      args.compare, args.json)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -229,6 +242,12 @@ def cmd_env(args: argparse.Namespace) -> int:
             env = envs.ensure(envs.request_for(fp.name, fp.version, fp.extra))
             state = "cached" if env.cached else f"built in {env.build_s:.1f} s"
             print(f"{env.name}: {state} at {env.path}")
+            # JIT-compiled framework ops too, so no first run pays for them inside its timeout
+            from .envops import ensure_ops
+            from .registry import get_adapter
+
+            for op, seconds in ensure_ops(env.path, env.python, env.name, get_adapter(fp.name).ops(fp.version)).items():
+                print(f"{env.name}: compiled {op} in {seconds:.0f} s")
         return 0
     removed = envs.remove_envs(args.pattern)
     print("\n".join(f"removed {r}" for r in removed) or "nothing to remove")
@@ -483,7 +502,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep", metavar="DIR", help="keep records and worker logs under DIR")
     run.add_argument("--wheelhouse", metavar="DIR", help="build environments from this wheelhouse alone (no index)")
     outputs.add_run_arguments(run)
+    run.add_argument("--jobs", "-j", type=int, metavar="N",
+                     help="workers running at once (a world-size-2 run counts 2); default: the cores, fewer when "
+                          "memory is short")
+    run.add_argument("--no-cache", action="store_true",
+                     help="recompute the reference (and its float64 calibration) instead of reusing cached results")
     run.set_defaults(func=cmd_run)
+    bench = verb("bench", help="measure stepdiff's own cost as ratios (needs a source checkout)")
+    bench.add_argument("--only", metavar="NAME[,NAME]", help="startup, overhead, four, cases, rerun, fuzz, scale, "
+                       "engine (default: all)")
+    bench.add_argument("--rounds", type=int, default=3, help="measurements per benchmark (the median is reported)")
+    bench.add_argument("--quick", action="store_true", help="fewer and smaller measurements (no ~100M model)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results here")
+    bench.add_argument("--storage", default=".benchmarks", metavar="DIR",
+                       help="where results are saved, pytest-benchmark style (default .benchmarks)")
+    bench.add_argument("--no-save", action="store_true", help="do not save the results")
+    bench.add_argument("--compare", nargs="?", const="", metavar="NNNN|PATH",
+                       help="compare with a saved result (default: the latest)")
+    bench.add_argument("--benchmarks", metavar="DIR", help="the benchmarks/ folder (default: the source checkout's)")
+    bench.set_defaults(func=cmd_bench)
     ls = verb("list", help="adapters, the exact piece of each framework that runs, capabilities, patches")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)

@@ -6,19 +6,35 @@
 
 `stepdiff_run(case, frameworks=None, **fields)` loads a case file (or bundled case name), optionally overrides
 fields (`batch__grad_accum=3`), runs it, and returns the CaseResult with a `.report` attribute holding the terminal
-report. Importing this plugin imports neither torch nor any framework.
+report. Every call in one pytest session shares one pool of workers (`stepdiff_pool`, session-scoped): each
+framework environment's worker starts once per session, not once per test (with pytest-xdist, once per xdist
+worker). A crashed or timed-out worker is replaced for the next test; its error stays with the test that caused it.
+Reference results are cached across sessions (stepdiff.harness.refcache). Importing this plugin imports neither
+torch nor any framework.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 
+@pytest.fixture(scope="session")
+def stepdiff_pool(tmp_path_factory: Any) -> Iterator[Any]:
+    """The session's worker pool (stepdiff.harness.pool.WorkerPool), closed when the session ends."""
+    from stepdiff.harness.pool import WorkerPool
+
+    pool = WorkerPool(tmp_path_factory.mktemp("stepdiff-workers"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 @pytest.fixture
-def stepdiff_run(tmp_path: Any) -> Callable[..., Any]:
+def stepdiff_run(tmp_path: Any, stepdiff_pool: Any) -> Callable[..., Any]:
     def run(case: str, frameworks: list[str] | None = None, **fields: Any) -> Any:
         from stepdiff.harness import spec as S
         from stepdiff.harness.cli import resolve_case
@@ -28,7 +44,8 @@ def stepdiff_run(tmp_path: Any) -> Callable[..., Any]:
         spec = S.load(resolve_case(case))
         if fields:
             spec = spec.replace(**fields)
-        result = run_case(spec, list(frameworks or spec.case.frameworks), workdir=tmp_path / "stepdiff")
+        result = run_case(spec, list(frameworks or spec.case.frameworks), workdir=tmp_path / "stepdiff",
+                          pool=stepdiff_pool)
         result.report = terminal.render(result)  # type: ignore[attr-defined]
         return result
 

@@ -4,30 +4,28 @@ environment and worker, and the comparisons. Returns a CaseResult; reports rende
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import envs, outcome, pins, progress
-from .compare import RunResult, compare
+from . import envs, outcome, pins
+from .compare import RunResult
 from .diff import dict_diff
-from .errors import Interrupted, UnsupportedError, UsageError, WorkerError
+from .errors import UsageError
 from .model import parameter_shapes, write_init_weights
 from .pins import FrameworkPin
 from .record import Record
 from .registry import adapter_names, get_adapter
 from .safepath import component
 from .spec import Spec, to_dict
-from .tolerance import Bound, CalibrationError, bound_for
-from .workers import Worker, make_run_dir, remove_run_dir
+from .tolerance import Bound, bound_for
+from .workers import Worker
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED = (
     outcome.EXIT_AGREE, outcome.EXIT_DIVERGE, outcome.EXIT_ERROR, outcome.EXIT_USAGE, outcome.EXIT_UNSUPPORTED)
-__all__ = ["CaseResult", "FrameworkPin", "parse_pin", "run_case", "run_reference", "run_framework", "worker_env"]
+__all__ = ["CaseResult", "FrameworkPin", "parse_pin", "run_case", "run_reference", "worker_env"]
 
 
 @dataclass
@@ -43,6 +41,8 @@ class CaseResult:
     same_numbers: list[list[str]] = field(default_factory=list)
     """Framework runs grouped by agreeing with each other within the bound."""
     elapsed_s: float = 0.0
+    reference_cached: bool = False
+    """The reference record and its float64 self-error came from the reference cache (stepdiff.harness.refcache)."""
 
     @property
     def verdict(self) -> str:
@@ -69,13 +69,24 @@ def worker_env(env: envs.Environment) -> dict[str, str]:
     return {"TORCH_EXTENSIONS_DIR": str(env.path / "torch_extensions")}
 
 
-def run_reference(spec: Spec, init: Path, workdir: Path,
-                  calibrate: bool = True) -> tuple[Record, Bound, dict[str, str]]:
+Submit = Callable[[dict[str, Any], float, str], Any]
+"""Sends one request to a reference worker and waits for it, with a timeout and the spec field that sets it
+(Worker.submit, or a pooled worker's)."""
+
+
+def run_reference(spec: Spec, init: Path, workdir: Path, calibrate: bool = True,
+                  submit: Submit | None = None) -> tuple[Record, Bound, dict[str, str]]:
     """The reference record and the bound calibrated from the reference's own float32-vs-float64 error.
 
     Real-size models: per-micro-batch contributions are kept as sketches when full copies would not fit
     (harness/sketch.py), and the float64 calibration runs on the same shape with fewer layers when a float64 copy
-    of the full model would not fit the device; the bound's source says so."""
+    of the full model would not fit the device; the bound's source says so. `submit` sends the requests to an
+    existing (pooled) reference worker; without it a worker is started for this call."""
+    if submit is None:
+        host = envs.host_environment()
+        with Worker("reference", host.python, 1, spec.run.device, workdir=workdir / "reference",
+                    role="reference") as w:
+            return run_reference(spec, init, workdir, calibrate, w.submit)
     from .sketch import fraction_for
 
     host = envs.host_environment()
@@ -83,24 +94,23 @@ def run_reference(spec: Spec, init: Path, workdir: Path,
     n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
     fraction = fraction_for(n_params, spec.batch.world_size * spec.batch.grad_accum)
     rt, field = spec.run.reference_timeout_s, "run.reference_timeout_s"
-    with Worker("reference", host.python, 1, spec.run.device, workdir=rdir, role="reference") as w:
-        w.submit({"spec": to_dict(spec), "init": str(init), "out": str(rdir / "record"),
-                  "options": {"contrib_sketch": fraction} if fraction else {}}, rt, field)
-        ref = Record.load(rdir / "record")
-        if not calibrate or spec.model.dtype == "float64":
-            return ref, bound_for(spec.model.dtype, None, spec.run.rel_tolerance), host.versions
-        cal, note = calibration_spec(spec, n_params)
-        if cal is spec:
-            work = ref
-        else:  # the same shape with fewer layers, in the working precision too
-            cal_init = write_init_weights(cal, envs.cache_root() / "init")
-            w.submit({"spec": to_dict(cal), "init": str(cal_init), "out": str(rdir / "record-cal"),
-                      "options": {"contributions": False}}, rt, field)
-            work = Record.load(rdir / "record-cal")
-        w.submit({"spec": to_dict(cal), "init": str(init if cal is spec else cal_init), "out": str(rdir / "record64"),
-                  "options": {"dtype": "float64", "contributions": False}}, rt, field)
-        ref64 = Record.load(rdir / "record64")
-        self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(work.steps, ref64.steps, strict=True))
+    submit({"spec": to_dict(spec), "init": str(init), "out": str(rdir / "record"),
+            "options": {"contrib_sketch": fraction} if fraction else {}}, rt, field)
+    ref = Record.load(rdir / "record")
+    if not calibrate or spec.model.dtype == "float64":
+        return ref, bound_for(spec.model.dtype, None, spec.run.rel_tolerance), host.versions
+    cal, note = calibration_spec(spec, n_params)
+    if cal is spec:
+        work = ref
+    else:  # the same shape with fewer layers, in the working precision too
+        cal_init = write_init_weights(cal, envs.cache_root() / "init")
+        submit({"spec": to_dict(cal), "init": str(cal_init), "out": str(rdir / "record-cal"),
+                "options": {"contributions": False}}, rt, field)
+        work = Record.load(rdir / "record-cal")
+    submit({"spec": to_dict(cal), "init": str(init if cal is spec else cal_init), "out": str(rdir / "record64"),
+            "options": {"dtype": "float64", "contributions": False}}, rt, field)
+    ref64 = Record.load(rdir / "record64")
+    self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(work.steps, ref64.steps, strict=True))
     bound = bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance)
     if note:
         bound = replace(bound, source=f"{bound.source}; {note}")
@@ -151,35 +161,6 @@ def calibration_spec(spec: Spec, n_params: int) -> tuple[Spec, str]:
                    f"{budget / 2**30:.0f} GiB budget)")
 
 
-def run_framework(spec: Spec, pin: FrameworkPin, init: Path, ref: Record, bound: Bound, workdir: Path,
-                  init_tensors: dict[str, Any], log: Callable[[str], None]) -> RunResult:
-    name, version = pin.name, pin.version
-    cls = get_adapter(name)
-    reason = cls.unsupported(spec, version)
-    if reason:
-        return RunResult(name, version, "unsupported", reason, extra_pins=pin.extra)
-    env = _environment(pin)  # UsageError (one line) if it cannot be installed
-    label = pin.label
-    wdir = workdir / _dirname(label)
-    t0 = time.perf_counter()
-    try:
-        with Worker(name, env.python, spec.batch.world_size, spec.run.device,
-                    env=worker_env(env), workdir=wdir) as w:
-            w.submit({"spec": to_dict(spec), "init": str(init), "out": str(wdir / "record")}, spec.run.timeout_s)
-        rec = Record.load(wdir / "record")
-        result = compare(spec, rec, ref, init_tensors, bound, name, version)
-        result.meta = _meta_dict(rec)
-    except UnsupportedError as e:  # the release cannot take a knob: reported with its reason, exit 4
-        result = RunResult(name, version, "unsupported", e.message, bound, log_tail=e.log_tail)
-    except WorkerError as e:
-        result = RunResult(name, version, "error", e.message, bound, log_tail=e.log_tail)
-    result.extra_pins = pin.extra
-    result.env_versions = env.versions
-    result.timings = {"wall_s": time.perf_counter() - t0, "env_build_s": 0.0 if env.cached else env.build_s}
-    log(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
-    return result
-
-
 def _environment(pin: FrameworkPin) -> envs.Environment:
     if getattr(get_adapter(pin.name), "host_env", False):  # self-test adapters run in the host's python
         return envs.host_environment()
@@ -198,92 +179,21 @@ def _meta_dict(rec: Record) -> dict[str, Any]:
 
 
 def run_case(spec: Spec, frameworks: list[FrameworkPin] | list[str], workdir: Path | None = None,
-             log: Callable[[str], None] | None = None) -> CaseResult:
-    from safetensors.torch import load_file
+             log: Callable[[str], None] | None = None, pool: Any = None, jobs: int | None = None,
+             cache: Any = None) -> CaseResult:
+    """One case: the reference and every framework run concurrently in pooled workers (stepdiff.harness.schedule);
+    `pool` (a WorkerPool) keeps the workers for later cases, `cache` (a ReferenceCache) reuses reference results."""
+    from .schedule import run_cases
 
-    t0 = time.perf_counter()
-    say = log or (lambda s: None)  # progress records (harness.progress) report each run by default
     if not frameworks:
         raise UsageError("no frameworks to run: give --framework NAME==VERSION or list them in case.frameworks")
     pins = [parse_pin(f) if isinstance(f, str) else f for f in frameworks]
-    unsupported = {pin: get_adapter(pin.name).unsupported(spec, pin.version) for pin in pins}
-    for pin in pins:  # resolve every environment up front: a bad pin is a usage error, early
-        if unsupported[pin] is None:
-            with progress.task(pin.label, "environment", announce=False) as t:
-                _environment(pin)
-                t.done("environment ready", record=False)
-    if all(unsupported.values()):  # nothing to compare: no reference run either
-        runs = [RunResult(p.name, p.version, "unsupported", str(unsupported[p]), extra_pins=p.extra) for p in pins]
-        for r in runs:
-            say(f"stepdiff: {r.label}: unsupported")
-        return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None, spec.run.rel_tolerance),
-                          elapsed_s=time.perf_counter() - t0)
-    own_dir = workdir is None
-    wd = make_run_dir() if workdir is None else Path(workdir)
-    try:
-        init = write_init_weights(spec, envs.cache_root() / "init")
-        init_tensors = load_file(str(init))
-        try:
-            with progress.task("reference", "running (and its float64 calibration)") as t:
-                ref, bound, ref_versions = run_reference(spec, init, wd)
-                t.done(f"done ({t.elapsed:.1f} s); bound {bound.value:.1e}")
-        except (WorkerError, CalibrationError) as e:  # a broken reference is the tester's own error: every run errs
-            message, tail = (e.message, e.log_tail) if isinstance(e, WorkerError) else (str(e), "")
-            runs = [RunResult(p.name, p.version, "error", f"reference failed: {message}", log_tail=tail,
-                              extra_pins=p.extra) for p in pins]
-            return CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None), {},
-                              elapsed_s=time.perf_counter() - t0)
-        runs = [progress.tracked(p.label, functools.partial(run_framework, spec, p, init, ref, bound, wd,
-                                                            init_tensors, say)) for p in pins]
-        with progress.task("signatures", "token-level fits", announce=False) as t:
-            _token_fits(spec, runs, init, wd)
-            t.done("done", record=False)
-        result = CaseResult(spec.case.name, spec, runs, bound, ref_versions, elapsed_s=time.perf_counter() - t0)
-        _pairwise(result, wd)
-        return result
-    except Interrupted as e:
-        e.where = e.where or f"case {spec.case.name}"
-        raise
-    except KeyboardInterrupt:  # SIGINT where stepdiff's own handlers are not installed (a library caller)
-        raise Interrupted(2, f"case {spec.case.name}") from None
-    finally:
-        if own_dir:
-            remove_run_dir(wd)
+    return run_cases([(spec, pins)], workdir=workdir, pool=pool, jobs=jobs, cache=cache, log=log)[0]
 
 
 TOKEN_FIT_MAX_FLOATS = 2e8
-"""Per-token contributions are (target tokens x parameters) floats: done for tiny models only."""
-
-
-def _token_fits(spec: Spec, runs: list[RunResult], init: Path, wd: Path) -> None:
-    """For SFT runs that diverge, fit the gradient of the first diverging step on per-token contributions: names
-    mask differences (first response token / EOS not trained, prompt trained) that a micro-batch fit cannot see."""
-    from . import data as D
-    from .compare import fit_tokens
-    from .model import parameter_shapes
-
-    todo = [r for r in runs if r.verdict == "diverge" and r.first_diverging_step is not None]
-    if spec.loss.kind != "sft" or not todo:
-        return
-    n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
-    n_tokens = sum(len(s.prompt) + len(s.response) for s in D.samples(spec)[: spec.samples_per_step])
-    if n_params * n_tokens > TOKEN_FIT_MAX_FLOATS:
-        return
-    host = envs.host_environment()
-    with Worker("reference", host.python, 1, spec.run.device, workdir=wd / "reference-tokens",
-                role="reference") as w:
-        for step in sorted({r.first_diverging_step for r in todo if r.first_diverging_step is not None}):
-            out = wd / "reference-tokens" / f"step{step}"
-            try:
-                w.submit({"spec": to_dict(spec), "init": str(init), "out": str(out),
-                          "options": {"token_step": step}}, spec.run.reference_timeout_s, "run.reference_timeout_s")
-            except WorkerError:
-                return  # the token fit is an explanation, never a verdict: skip it if it cannot run
-            token_ref = Record.load(out)
-            for r in todo:
-                if r.first_diverging_step == step:
-                    rec = Record.load(wd / _dirname(r.label) / "record")
-                    r.tokens = fit_tokens(spec, rec.steps[step].grads, token_ref)
+"""Per-token contributions are (target tokens x parameters) floats: done for tiny models only (the token fit runs in
+stepdiff.harness.schedule)."""
 
 
 def _pairwise(result: CaseResult, wd: Path) -> None:

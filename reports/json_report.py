@@ -129,6 +129,7 @@ def case_dict(result: CaseResult) -> dict[str, Any]:
         "odd_one_out": result.odd_one_out,
         "same_numbers": result.same_numbers,
         "elapsed_s": result.elapsed_s,
+        "reference_cached": result.reference_cached,
         "spec": spec,
     }
 

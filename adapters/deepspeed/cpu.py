@@ -7,7 +7,7 @@ import importlib
 import os
 from typing import Any
 
-from ..base import Patch
+from ..base import OpBuild, Patch
 
 SHM_OP = Patch(
     "deepspeed.comm.torch.build_shm_op", "replaced by a no-op (CPU only)",
@@ -73,3 +73,20 @@ def apply(device: str) -> list[Patch]:
     if device == "cpu":
         return skip_shm_op_build() + detach_flat_buffers()
     return plain_arch_list() + detach_flat_buffers()
+
+
+def _op_code(builder: str) -> str:
+    """Build one of DeepSpeed's ops the way DeepSpeed loads it at run time on the CPU accelerator (`XBuilder().load()`
+    JIT-compiles into TORCH_EXTENSIONS_DIR; a later load in a worker finds it there)."""
+    return ("import os\n"
+            "os.environ.setdefault('DS_ACCELERATOR', 'cpu')\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            f"builder = get_accelerator().create_op_builder({builder!r})\n"
+            f"assert builder is not None, 'no {builder} for this accelerator'\n"
+            "builder.load()\n")
+
+
+CPU_ADAM_OP = OpBuild("deepspeed.cpu_adam", _op_code("CPUAdamBuilder"),
+                      "DeepSpeed's CPU Adam op (cpu_adam, used by DeepSpeedCPUAdam under offload_optimizer)")
+FUSED_ADAM_CPU_OP = OpBuild("deepspeed.fused_adam_cpu", _op_code("FusedAdamBuilder"),
+                            "DeepSpeed's FusedAdam op for the CPU accelerator (fused_adam)")

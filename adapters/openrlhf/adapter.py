@@ -14,7 +14,7 @@ from pathlib import Path
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
-from ..base import Adapter, Capabilities, Driven, WorkerContext, knob_names
+from ..base import Adapter, Capabilities, Driven, OpBuild, WorkerContext, knob_names
 from ..common import set_dist_env
 from ..deepspeed import cpu as deepspeed_cpu
 from ..deepspeed.knobs import zero_problem
@@ -77,6 +77,17 @@ class OpenRLHFAdapter(Adapter):
     @classmethod
     def build_env(cls, version: str | None) -> dict[str, str]:
         return {"DS_BUILD_OPS": "0", "FLASH_ATTENTION_SKIP_CUDA_BUILD": "TRUE", "FLASH_ATTENTION_FORCE_BUILD": "TRUE"}
+
+    @classmethod
+    def ops(cls, version: str | None, spec: Spec | None = None) -> tuple[OpBuild, ...]:
+        """With adam_impl = 'deepspeed' on CPU, DeepSpeed JIT-compiles its Adam op in the first run: FusedAdam's
+        (no offload) or DeepSpeedCPUAdam's (adam_offload). Built ahead, outside the run's timeout."""
+        if spec is None:
+            return (deepspeed_cpu.FUSED_ADAM_CPU_OP, deepspeed_cpu.CPU_ADAM_OP)
+        k: OpenRLHFKnobs = spec.knobs_for(cls.name)
+        if k.adam_impl != "deepspeed" or spec.run.device != "cpu":
+            return ()
+        return (deepspeed_cpu.CPU_ADAM_OP,) if k.adam_offload else (deepspeed_cpu.FUSED_ADAM_CPU_OP,)
 
     # ---------------------------------------------------------------------------------------------------------
     # What the CLI can express

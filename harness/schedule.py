@@ -1,0 +1,475 @@
+"""Running cases with parallel, reused workers and cached reference results.
+
+What a tiny-model case costs is almost all process start-up and imports (seconds per framework), not the step
+(milliseconds). So:
+- every worker key (adapter, environment, world size, device; the reference is one more) gets a *lane*: one thread
+  that feeds that key's one pooled worker its requests in order, for every case of the command;
+- lanes run concurrently, at most `jobs` cores' worth at a time (a world-size-2 worker counts two), so the reference
+  and the framework workers of a case start and run at the same time instead of one after the other;
+- workers start (imports, distributed init) right away, while the harness writes the initial weights;
+- the reference record and its float64 self-error come from the reference cache when the spec is unchanged
+  (stepdiff.harness.refcache), and the reference worker is then not even started;
+- each framework run is compared as soon as its record and its case's reference exist; cases finish, and are
+  reported, in the order given.
+
+A task never holds a core while it waits for another task, so lanes cannot deadlock. A failure stays with its run:
+a crashed, failed or timed-out worker is replaced for the next case (stepdiff.harness.pool).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import envs, progress
+from .compare import RunResult, compare
+from .errors import UnsupportedError, WorkerError
+from .pool import WorkerKey, WorkerPool, default_jobs
+from .record import Record
+from .refcache import Entry, ReferenceCache, key_material
+from .registry import get_adapter
+from .safepath import component
+from .spec import Spec, to_dict
+from .tolerance import Bound, CalibrationError, bound_for
+
+
+class Cores:
+    """A weighted, first-come-first-served semaphore over `capacity` cores (a world-size-2 worker takes two)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.free = self.capacity
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+
+    @contextmanager
+    def hold(self, weight: int) -> Iterator[None]:
+        weight = max(1, min(weight, self.capacity))
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or self.free < weight:
+                self._cond.wait()
+            self._queue.popleft()
+            self.free -= weight
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += weight
+                self._cond.notify_all()
+
+
+@dataclass
+class _Ref:
+    record: Record | None
+    bound: Bound
+    versions: dict[str, str]
+    error: str | None = None
+    log_tail: str = ""
+    cached: bool = False
+    dir: Path | None = None
+
+
+@dataclass
+class _Case:
+    index: int
+    spec: Spec
+    pins: list[Any]
+    wd: Path
+    unsupported: dict[Any, str | None]
+    init: Path | None = None
+    cached: Entry | None = None
+    """The case's verified reference-cache entry (looked up once, before any worker starts)."""
+    ref: Future[_Ref] | None = None
+    runs: list[Future[RunResult]] = field(default_factory=list)
+
+
+class Scheduler:
+    """One command's worth of cases: lanes, cores, the pool and the reference cache."""
+
+    def __init__(self, pool: WorkerPool, jobs: int | None = None, cache: ReferenceCache | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.pool = pool
+        self.jobs = jobs or default_jobs()
+        self.cores = Cores(self.jobs)
+        self.cache = cache if cache is not None else ReferenceCache()
+        self.log = log
+        """Extra one-line records (the progress display, stepdiff.harness.progress, reports every run anyway)."""
+        self._lanes: dict[WorkerKey, ThreadPoolExecutor] = {}
+        self._lanes_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self.multi = False
+        self._t0 = time.perf_counter()
+        self._trace = bool(os.environ.get("STEPDIFF_TRACE"))
+
+    def trace(self, what: str) -> None:
+        """A time-stamped event on stderr when STEPDIFF_TRACE is set (where a command's wall time goes)."""
+        if self._trace:
+            with self._log_lock:
+                print(f"stepdiff trace: {time.perf_counter() - self._t0:7.2f} s [{threading.current_thread().name}] "
+                     f"{what}")
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        with self._log_lock:
+            if self.log is not None:
+                self.log(text)
+            else:
+                progress.log(text)
+
+    def lane(self, key: WorkerKey) -> ThreadPoolExecutor:
+        with self._lanes_lock:
+            ex = self._lanes.get(key)
+            if ex is None:
+                ex = self._lanes[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lane-{key.adapter}")
+            return ex
+
+    def thread_env(self, world_size: int) -> dict[str, str]:
+        """Intra-op threads per rank so that concurrent workers do not oversubscribe the cores (a user's own
+        OMP_NUM_THREADS wins). Thread count changes float summation order only (~1e-7 relative in fp32)."""
+        if "OMP_NUM_THREADS" in os.environ or self.jobs <= 1:
+            return {}
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return {"OMP_NUM_THREADS": str(max(1, cores // self.jobs))}
+
+    def reference_key(self, device: str) -> WorkerKey:
+        host = envs.host_environment()
+        return WorkerKey("reference", host.python, 1, device, tuple(sorted(self.thread_env(1).items())), "reference")
+
+    def framework_key(self, pin: Any, env: envs.Environment, spec: Spec) -> WorkerKey:
+        from .runner import worker_env
+
+        extra = {**self.thread_env(spec.batch.world_size), **worker_env(env)}
+        return WorkerKey(pin.name, env.python, spec.batch.world_size, spec.run.device, tuple(sorted(extra.items())))
+
+    def close(self, cancel: bool = False) -> None:
+        for ex in list(self._lanes.values()):
+            ex.shutdown(wait=True, cancel_futures=cancel)
+
+    # -- the reference ---------------------------------------------------------------------------------------
+
+    def _reference(self, case: _Case) -> _Ref:
+        label = f"reference [{case.spec.case.name}]" if self.multi else "reference"
+        with progress.task(label, "running (and its float64 calibration)", announce=case.cached is None) as t:
+            ref = self._reference_run(case)
+            if ref.record is None:
+                t.done(f"failed: {ref.error}")
+            else:
+                how = "from the cache" if ref.cached else f"done ({t.elapsed:.1f} s)"
+                t.done(f"{how}; bound {ref.bound.value:.1e}")
+        return ref
+
+    def _reference_run(self, case: _Case) -> _Ref:
+        """The case's reference record and bound: from the cache, or computed on the pooled reference worker
+        (stepdiff.harness.runner.run_reference: float32 run, float64 calibration) and then cached."""
+        from .runner import run_reference
+
+        spec = case.spec
+        host = envs.host_environment()
+        if case.cached is not None:
+            try:
+                rec = Record.load(case.cached.path)
+                v = case.cached.values
+                bound = Bound(float(v["bound"]), str(v["bound_source"]), v.get("self_error"))
+                return _Ref(rec, bound, host.versions, cached=True, dir=case.cached.path)
+            except Exception as e:  # unreadable despite its checksums: recompute
+                self.say(f"stepdiff: cached reference could not be read ({type(e).__name__}: {e}); recomputing")
+        key = self.reference_key(spec.run.device)
+
+        def submit(request: dict[str, Any], timeout_s: float, field: str) -> Any:
+            self.trace(f"reference {spec.case.name}: request {request.get('options') or ''}")
+            return self.pool.submit(key, request, timeout_s, field)
+
+        try:
+            with self.cores.hold(1):
+                rec, bound, versions = run_reference(spec, case.init or Path(), case.wd, submit=submit)
+            self.trace(f"reference {spec.case.name}: done")
+        except WorkerError as e:
+            return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=e.message, log_tail=e.log_tail)
+        except CalibrationError as e:
+            return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=str(e))
+        self.cache.put(reference_material(spec), case.wd / "reference" / "record",
+                       {"bound": bound.value, "bound_source": bound.source, "self_error": bound.reference_self_error})
+        return _Ref(rec, bound, versions, dir=case.wd / "reference" / "record")
+
+    def token_reference(self, spec: Spec, init: Path, step: int, out: Path) -> Record | None:
+        """The reference's per-token contributions at `step` (cached like the reference), or None if it cannot run."""
+        options = {"token_step": step}
+        material = key_material(spec, options)
+        entry = self.cache.get(material)
+        if entry is not None:
+            try:
+                return Record.load(entry.path)
+            except Exception:
+                pass
+        timeout, field_name = _reference_timeout(spec)
+        try:
+            with self.cores.hold(1):
+                self.pool.submit(self.reference_key(spec.run.device),
+                                 {"spec": to_dict(spec), "init": str(init), "out": str(out), "options": options},
+                                 timeout, *field_name)
+        except WorkerError:
+            return None  # the token fit is an explanation, never a verdict: skip it if it cannot run
+        self.cache.put(material, out)
+        return Record.load(out)
+
+    # -- a framework run -------------------------------------------------------------------------------------
+
+    def _framework(self, case: _Case, pin: Any, env: envs.Environment) -> RunResult:
+        label = f"{pin.label} [{case.spec.case.name}]" if self.multi else pin.label
+        with progress.task(label, "running") as t:
+            result = self._framework_run(case, pin, env)
+            t.done(f"{result.verdict} ({result.timings['wall_s']:.1f} s"
+                   f"{', new worker' if result.timings.get('fresh_worker') else ''})")
+        if self.log is not None:
+            self.say(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
+        return result
+
+    def _framework_run(self, case: _Case, pin: Any, env: envs.Environment) -> RunResult:
+        from safetensors.torch import load_file
+
+        from .runner import _dirname, _meta_dict
+
+        spec = case.spec
+        name, version = pin.name, pin.version
+        wdir = case.wd / _dirname(pin.label)
+        key = self.framework_key(pin, env, spec)
+        t0 = time.perf_counter()
+        fresh = self.pool.fresh(key)
+        rec: Record | None = None
+        failure: WorkerError | None = None
+        t_run = t0
+        try:
+            with self.cores.hold(spec.batch.world_size):
+                t_run = time.perf_counter()
+                self.trace(f"{pin.label} {spec.case.name}: request")
+                self.pool.submit(key, {"spec": to_dict(spec), "init": str(case.init), "out": str(wdir / "record")},
+                                 spec.run.timeout_s)
+            rec = Record.load(wdir / "record")
+        except WorkerError as e:
+            failure = e
+        run_s = time.perf_counter() - t0
+        self.trace(f"{pin.label} {spec.case.name}: record in")
+        assert case.ref is not None
+        ref = case.ref.result()
+        if isinstance(failure, UnsupportedError):  # the release cannot take a knob: reported with its reason
+            result = RunResult(name, version, "unsupported", failure.message, ref.bound, log_tail=failure.log_tail)
+        elif failure is not None:
+            result = RunResult(name, version, "error", failure.message, ref.bound, log_tail=failure.log_tail)
+        elif ref.record is None:
+            result = RunResult(name, version, "error", f"reference failed: {ref.error}", log_tail=ref.log_tail)
+        else:
+            assert rec is not None
+            try:
+                result = compare(spec, rec, ref.record, load_file(str(case.init)), ref.bound, name, version)
+                result.meta = _meta_dict(rec)
+            except WorkerError as e:
+                result = RunResult(name, version, "error", e.message, ref.bound, log_tail=e.log_tail)
+        result.extra_pins = pin.extra
+        result.env_versions = env.versions
+        result.timings = {"wall_s": time.perf_counter() - t0, "run_s": run_s,
+                          "queue_s": t_run - t0,
+                          "env_build_s": 0.0 if env.cached else env.build_s, "fresh_worker": float(fresh)}
+        self.trace(f"{pin.label} {spec.case.name}: compared")
+        return result
+
+    # -- a whole command -------------------------------------------------------------------------------------
+
+    def run(self, cases: list[tuple[Spec, list[Any]]], workdir: Path,
+            on_result: Callable[[Any], None] | None = None) -> list[Any]:
+        """Run every case; results in the given order (`on_result` is called with each as soon as it and every case
+        before it are done)."""
+        from .model import write_init_weights
+        from .runner import CaseResult, _environment, _pairwise
+
+        t_start = time.perf_counter()
+        self.trace("scheduler start")
+        self.multi = len(cases) > 1
+        prepared: list[_Case] = []
+        environments: dict[Any, envs.Environment] = {}
+        names: dict[str, int] = {}
+        for i, (spec, pins) in enumerate(cases):
+            unsupported = {p: get_adapter(p.name).unsupported(spec, p.version) for p in pins}
+            for p in pins:  # every environment up front: a bad pin is a usage error, early
+                if unsupported[p] is None:
+                    if p not in environments:
+                        with progress.task(p.label, "environment", announce=False) as t:
+                            environments[p] = _environment(p)
+                            t.done("environment ready", record=False)
+                    _ensure_ops(p, environments[p], spec)
+            n = names[spec.case.name] = names.get(spec.case.name, 0) + 1
+            wd = workdir / component(spec.case.name if n == 1 else f"{spec.case.name}-{n}")
+            prepared.append(_Case(i, spec, pins, wd, unsupported))
+
+        # start the workers now (in lane order: the reference first, it gates every comparison), while the harness
+        # writes the initial weights and loads torch
+        need_ref = [c for c in prepared if any(v is None for v in c.unsupported.values())]
+        warm: list[tuple[WorkerKey, float]] = []
+        for c in need_ref:
+            c.cached = self.cache.get(reference_material(c.spec))
+            if c.cached is None:
+                warm.append((self.reference_key(c.spec.run.device), _reference_timeout(c.spec)[0]))
+        for c in need_ref:
+            for p in c.pins:
+                if c.unsupported[p] is None:
+                    warm.append((self.framework_key(p, environments[p], c.spec), c.spec.run.timeout_s))
+        seen: set[WorkerKey] = set()
+        for key, timeout in warm:
+            if key not in seen:
+                seen.add(key)
+                self.lane(key).submit(self._warm, key, timeout)
+
+        self.trace("workers starting")
+        for c in need_ref:
+            c.init = write_init_weights(c.spec, envs.cache_root() / "init")
+            self.trace(f"init weights of {c.spec.case.name}")
+            c.wd.mkdir(parents=True, exist_ok=True)
+            ref_lane = self.lane(self.reference_key(c.spec.run.device))
+            c.ref = ref_lane.submit(self._reference, c)
+            for p in c.pins:
+                if c.unsupported[p] is None:
+                    env = environments[p]
+                    c.runs.append(self.lane(self.framework_key(p, env, c.spec)).submit(self._framework, c, p, env))
+        results = []
+        t_prev = t_start
+        for c in prepared:
+            spec = c.spec
+            if c.ref is None:  # nothing to compare: no reference run either
+                runs = [RunResult(p.name, p.version, "unsupported", str(c.unsupported[p]), extra_pins=p.extra)
+                        for p in c.pins]
+                for r in runs:
+                    progress.log(f"{r.label}: unsupported")
+                result = CaseResult(spec.case.name, spec, runs, bound_for(spec.model.dtype, None,
+                                                                          spec.run.rel_tolerance))
+            else:
+                done = iter(f.result() for f in c.runs)
+                runs = [next(done) if c.unsupported[p] is None else
+                        RunResult(p.name, p.version, "unsupported", str(c.unsupported[p]), extra_pins=p.extra)
+                        for p in c.pins]
+                ref = c.ref.result()
+                if ref.record is not None:
+                    assert c.init is not None
+                    with progress.task("signatures", "token-level fits", announce=False) as t:
+                        self._token_fits(spec, runs, c.init, c.wd)
+                        t.done("done", record=False)
+                result = CaseResult(spec.case.name, spec, runs, ref.bound, ref.versions)
+                if ref.record is not None:
+                    _pairwise(result, c.wd)
+                result.reference_cached = ref.cached
+            now = time.perf_counter()
+            result.elapsed_s = now - t_prev  # the wall time this case added (cases overlap)
+            t_prev = now
+            results.append(result)
+            self.trace(f"case {spec.case.name} finished")
+            if on_result is not None:
+                on_result(result)
+        return results
+
+    def _warm(self, key: WorkerKey, timeout: float) -> None:
+        try:
+            with self.cores.hold(key.world_size):
+                self.trace(f"{key.adapter} worker starting")
+                waited = self.pool.warm(key, timeout)
+                self.trace(f"{key.adapter} worker ready ({waited:.1f} s)")
+        except WorkerError:
+            pass  # the first request on this key reports it, with the case that needed it
+
+    def _token_fits(self, spec: Spec, runs: list[RunResult], init: Path, wd: Path) -> None:
+        """For SFT runs that diverge, fit the first diverging step's gradient on per-token contributions (see
+        stepdiff.harness.runner)."""
+        import math
+
+        from . import data as D
+        from .compare import fit_tokens
+        from .model import parameter_shapes
+        from .runner import TOKEN_FIT_MAX_FLOATS, _dirname
+
+        todo = [r for r in runs if r.verdict == "diverge" and r.first_diverging_step is not None]
+        if spec.loss.kind != "sft" or not todo:
+            return
+        n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
+        n_tokens = sum(len(s.prompt) + len(s.response) for s in D.samples(spec)[: spec.samples_per_step])
+        if n_params * n_tokens > TOKEN_FIT_MAX_FLOATS:
+            return
+        for step in sorted({r.first_diverging_step for r in todo if r.first_diverging_step is not None}):
+            out = wd / "reference-tokens" / f"step{step}"
+            lane = self.lane(self.reference_key(spec.run.device))
+            token_ref = lane.submit(self.token_reference, spec, init, step, out).result()
+            if token_ref is None:
+                return
+            for r in todo:
+                if r.first_diverging_step == step:
+                    rec = Record.load(wd / _dirname(r.label) / "record")
+                    r.tokens = fit_tokens(spec, rec.steps[step].grads, token_ref)
+
+
+def reference_material(spec: Spec) -> dict[str, Any]:
+    """The reference-cache key material of a case's reference (record + calibrated bound)."""
+    from .runner import fp64_budget_bytes
+
+    # the float64 calibration may run on fewer layers when memory is short: the budget is part of what decided it
+    budget = int(fp64_budget_bytes(spec.run.device) // 2**30)
+    return key_material(spec, {"calibrate": spec.model.dtype != "float64", "fp64_budget_gib": budget})
+
+
+def _reference_timeout(spec: Spec) -> tuple[float, tuple[str, ...]]:
+    """The reference's own timeout (run.reference_timeout_s) and the field a timeout message names."""
+    return float(spec.run.reference_timeout_s), ("run.reference_timeout_s",)
+
+
+def _ensure_ops(pin: Any, env: envs.Environment, spec: Spec) -> None:
+    """JIT-compiled ops the run would compile, built before its worker starts (outside its timeout)."""
+    if getattr(get_adapter(pin.name), "host_env", False):
+        return
+    from .envops import ensure_ops
+
+    ops = get_adapter(pin.name).ops(pin.version, spec)
+    if ops:
+        ensure_ops(env.path, env.python, env.name, ops)
+
+
+def run_cases(cases: list[tuple[Spec, list[Any]]], workdir: Path | None = None, pool: WorkerPool | None = None,
+              jobs: int | None = None, cache: ReferenceCache | None = None,
+              log: Callable[[str], None] | None = None, on_result: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run cases (spec, framework pins) with parallel lanes and pooled workers; see the module docstring. Records
+    and worker logs go under `workdir` (kept) or a temporary directory (removed)."""
+    from .errors import Interrupted
+    from .pool import current_pool
+    from .workers import make_run_dir, remove_run_dir
+
+    own_dir = workdir is None
+    wd = make_run_dir() if workdir is None else Path(workdir)
+    pool = pool if pool is not None else current_pool()
+    own_pool = pool is None
+    p = pool if pool is not None else WorkerPool(wd / "workers")
+    sched = Scheduler(p, jobs, cache, log)
+    failed = True
+    where = f"case {cases[0][0].case.name}" if len(cases) == 1 else f"{len(cases)} cases"
+    try:
+        results = sched.run(cases, wd, on_result)
+        failed = False
+        return results
+    except Interrupted as e:
+        e.where = e.where or where
+        raise
+    except KeyboardInterrupt:  # SIGINT where stepdiff's own handlers are not installed (a library caller)
+        raise Interrupted(2, where) from None
+    finally:
+        if failed:  # interrupted or a harness bug: stop the workers now, drop queued work (a shared pool lives on)
+            p.abort(close=own_pool)
+        sched.close(cancel=failed)
+        if own_pool:
+            p.close()
+        if own_dir:
+            remove_run_dir(wd)
