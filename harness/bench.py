@@ -44,10 +44,10 @@ FOUR_PINS = ("deepspeed==0.19.8", "openrlhf==0.11.2", "trl==1.16.0", "verl==0.9.
 DS_PIN = "deepspeed==0.19.8"
 DS_CASE = "deepspeed-zero2-offload-ga4"
 
-# One framework step by hand per adapter: the bare script, its arguments, and the bundled case it mirrors.
-BARE = {
-    "deepspeed": ("deepspeed_step.py", DS_CASE, DS_PIN),
-    "trl": ("trl_step.py", "trl-sft-ga3", "trl==1.16.0"),
+# One framework step by hand per adapter: the bare script, the bundled case it mirrors, the pin, the scripts' args.
+BARE: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "deepspeed": ("deepspeed_step.py", DS_CASE, DS_PIN, ("--grad-accum", "4")),
+    "trl": ("trl_step.py", "trl-sft-ga3", "trl==1.16.0", ("--grad-accum", "3")),
 }
 
 
@@ -220,6 +220,8 @@ class Bench:
                 pool.warm(key, 600)
                 ready = time.perf_counter() - t0
                 w = pool.workers()[0]
+                pid = w.proc.pid if w.proc else 0
+                cpu = [_cpu_s(pid)]
                 setup = float((w.dir / "ready.0").read_text() or 0)
                 runs = []
                 for i in range(2):
@@ -227,20 +229,23 @@ class Bench:
                     pool.submit(key, {"spec": to_dict(spec), "init": str(init),
                                       "out": str(self.wd / f"startup-{name}-{i}")}, 600)
                     runs.append(time.perf_counter() - t1)
+                    cpu.append(_cpu_s(pid))
                 imports = import_profile(w.log.read_text(errors="replace"))
             top = sorted(imports.items(), key=lambda kv: -kv[1])
-            ours = sum(v for k, v in imports.items() if k == "stepdiff")
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in top[:5])
-            self.add(Result(f"startup[{name}]", "startup", ready + runs[0], "s",
-                            detail=f"spawn->ready {ready:.1f} s (adapter set-up {setup:.1f} s; imports: {shown}; "
-                                   f"stepdiff's own {ours:.2f} s), first request {runs[0]:.1f} s, second "
-                                   f"{runs[1]:.2f} s",
+            ours = imports.get("stepdiff", 0.0)
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in top[:4])
+            cpu_first, cpu_second = cpu[1] - cpu[0], cpu[2] - cpu[1]
+            self.add(Result(f"startup[{name}]", "startup", cpu[0] + cpu_first, "cpu-s",
+                            detail=f"CPU to ready {cpu[0]:.1f} s (imports {shown}; stepdiff's own {ours:.2f} s; "
+                                   f"adapter set-up {setup:.1f} s wall), first request {cpu_first:.1f} CPU-s, "
+                                   f"second {cpu_second:.2f} CPU-s; wall {ready:.1f} + {runs[0]:.1f} + {runs[1]:.1f} s",
                             extra={"spawn_to_ready_s": ready, "setup_s": setup, "first_request_s": runs[0],
-                                   "second_request_s": runs[1], "imports_s": dict(top[:12]),
+                                   "second_request_s": runs[1], "cpu_ready_s": cpu[0], "cpu_first_request_s": cpu_first,
+                                   "cpu_second_request_s": cpu_second, "imports_s": dict(top[:12]),
                                    "stepdiff_imports_s": ours}))
 
     def bench_overhead(self) -> None:
-        for adapter, (script, case, pin) in BARE.items():
+        for adapter, (script, case, pin, bare_args) in BARE.items():
             if self.quick and adapter != "deepspeed":
                 continue
             bare = self.root / "bare" / script
@@ -250,8 +255,9 @@ class Bench:
             ratios, cached, bare_s, sd_s, sdc_s = [], [], [], [], []
             self.run(case, "-f", pin)  # warm the OS file cache and the reference cache (not measured)
             for _ in range(self.rounds):
-                b1 = timed([fw_python, str(bare)], cwd=str(bare.parent))
-                b2 = timed([sys.executable, str(self.root / "bare" / "reference_step.py")], cwd=str(bare.parent))
+                b1 = timed([fw_python, str(bare), *bare_args], cwd=str(bare.parent))
+                b2 = timed([sys.executable, str(self.root / "bare" / "reference_step.py"), *bare_args],
+                           cwd=str(bare.parent))
                 if b1.rc or b2.rc:
                     raise RuntimeError(f"bare scripts failed:\n{b1.out[-2000:]}\n{b2.out[-2000:]}")
                 s, _ = self.run(case, "-f", pin, "--no-cache")
@@ -426,6 +432,15 @@ class Bench:
                         detail=f"micro-batch weight fit on 4 contributions of {total / 1e6:.0f}M parameters"))
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _prod(shape: Sequence[int]) -> int:
     out = 1
     for s in shape:
@@ -490,6 +505,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value / 1e6:.0f}M params/s"
     if unit == "s":
         return f"{value:.1f} s"
+    if unit == "cpu-s":
+        return f"{value:.1f} CPU-s"
     return f"{value:.1f} {unit}"
 
 

@@ -415,12 +415,22 @@ class Scheduler:
 
 
 def reference_material(spec: Spec) -> dict[str, Any]:
-    """The reference-cache key material of a case's reference (record + calibrated bound)."""
-    from .runner import fp64_budget_bytes
+    """The reference-cache key material of a case's reference (record + calibrated bound): the spec plus what
+    run_reference decides from the machine and the harness's settings (sketched contributions, calibration layers)."""
+    import math
 
-    # the float64 calibration may run on fewer layers when memory is short: the budget is part of what decided it
-    budget = int(fp64_budget_bytes(spec.run.device) // 2**30)
-    return key_material(spec, {"calibrate": spec.model.dtype != "float64", "fp64_budget_gib": budget})
+    from .model import parameter_shapes
+    from .runner import calibration_spec
+    from .sketch import fraction_for
+
+    n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
+    calibrate = spec.model.dtype != "float64"
+    options: dict[str, Any] = {"calibrate": calibrate,
+                               "contrib_sketch": fraction_for(n_params, spec.batch.world_size * spec.batch.grad_accum)}
+    if calibrate:
+        cal, _ = calibration_spec(spec, n_params)
+        options["calibration_layers"] = None if cal is spec else cal.model.num_layers
+    return key_material(spec, options)
 
 
 def _reference_timeout(spec: Spec) -> tuple[float, tuple[str, ...]]:
