@@ -15,15 +15,16 @@ from typing import Any
 
 from . import envs
 from .compare import RunResult, compare
-from .diff import dict_diff
 from .errors import UnsupportedError, WorkerError
 from .model import write_init_weights
+from .pool import WorkerKey, WorkerPool
 from .record import Record
+from .refcache import ReferenceCache
 from .registry import get_adapter
 from .runner import FrameworkPin, _environment, worker_env
 from .spec import Spec, to_dict
-from .tolerance import Bound, CalibrationError, bound_for
-from .workers import Worker, make_run_dir, remove_run_dir
+from .tolerance import Bound, CalibrationError
+from .workers import make_run_dir, remove_run_dir
 
 
 def spec_key(spec: Spec) -> str:
@@ -36,57 +37,56 @@ def spec_key(spec: Spec) -> str:
 class Session:
     """Workers for `pin` (one per world size) and the host's reference, reused across specs until closed."""
 
-    def __init__(self, pin: FrameworkPin, workdir: Path | None = None) -> None:
+    def __init__(self, pin: FrameworkPin, workdir: Path | None = None, cache: ReferenceCache | None = None) -> None:
         self.pin = pin
         self.own_dir = workdir is None
         # owned like a run directory: removed by a worker's watchdog if this process is killed, swept if left behind
         self.dir = make_run_dir("stepdiff-session-") if workdir is None else Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.env = _environment(pin)  # UsageError (one line) when it cannot be installed
-        self.workers: dict[tuple[str, int], Worker] = {}
+        self.pool = WorkerPool(self.dir / "workers")
+        """One worker per (adapter, world size); a crashed or timed-out one is replaced for the next spec."""
+        self.cache = cache if cache is not None else ReferenceCache()
+        """Reference results of specs seen before (Hypothesis replays and shrinks revisit specs)."""
         self.count = 0
 
     def unsupported(self, spec: Spec) -> str | None:
         reason: str | None = get_adapter(self.pin.name).unsupported(spec, self.pin.version)
         return reason
 
-    def _worker(self, name: str, python: str, world_size: int, device: str, extra: dict[str, str]) -> Worker:
-        key = (name, world_size)
-        w = self.workers.get(key)
-        if w is None or (w.proc is not None and not w.alive()):
-            w = Worker(name, python, world_size, device, env=extra, workdir=self.dir / f"{name}-ws{world_size}",
-                       role="reference" if name == "reference" else "framework")
-            self.workers[key] = w
-        return w
+    def _key(self, name: str, python: str, world_size: int, device: str, extra: dict[str, str]) -> WorkerKey:
+        return WorkerKey(name, python, world_size, device, tuple(sorted(extra.items())),
+                         "reference" if name == "reference" else "framework")
 
     def _next_dir(self, what: str) -> Path:
         self.count += 1
         return self.dir / f"{what}-{self.count}"
 
     def reference(self, spec: Spec, init: Path) -> tuple[Record, Bound]:
-        """The reference record and the calibrated bound (as `stepdiff run`: float64 self-error x safety)."""
+        """The reference record and the calibrated bound (as `stepdiff run`: float64 self-error x safety), from the
+        reference cache when this spec was seen before."""
+        from .runner import run_reference
+        from .schedule import reference_material
+
+        material = reference_material(spec)
+        entry = self.cache.get(material)
+        if entry is not None:
+            v = entry.values
+            return Record.load(entry.path), Bound(float(v["bound"]), str(v["bound_source"]), v.get("self_error"))
         host = envs.host_environment()
-        w = self._worker("reference", host.python, 1, spec.run.device, {})
-        out, out64 = self._next_dir("ref"), self._next_dir("ref64")
-        req = {"spec": to_dict(spec), "init": str(init)}
-        rt, field = spec.run.reference_timeout_s, "run.reference_timeout_s"  # the reference's own limit
-        w.submit({**req, "out": str(out)}, rt, field)
-        ref = Record.load(out)
-        self_error = None
-        if spec.model.dtype != "float64":
-            w.submit({**req, "out": str(out64), "options": {"dtype": "float64"}}, rt, field)
-            ref64 = Record.load(out64)
-            self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(ref.steps, ref64.steps, strict=True))
-            shutil.rmtree(out64, ignore_errors=True)
+        key = self._key("reference", host.python, 1, spec.run.device, {})
+        out = self._next_dir("ref")
+        ref, bound, _ = run_reference(spec, init, out, submit=lambda req, t, f: self.pool.submit(key, req, t, f))
+        self.cache.put(material, out / "reference" / "record",
+                       {"bound": bound.value, "bound_source": bound.source, "self_error": bound.reference_self_error})
         shutil.rmtree(out, ignore_errors=True)
-        return ref, bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance)
+        return ref, bound
 
     def framework(self, spec: Spec, init: Path) -> Record:
         """The framework's record of `spec` (raises WorkerError on a crash, hang or failed run)."""
-        fw = self._worker(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device,
-                          worker_env(self.env))
+        key = self._key(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device, worker_env(self.env))
         out = self._next_dir("fw")
-        fw.submit({"spec": to_dict(spec), "init": str(init), "out": str(out)}, spec.run.timeout_s)
+        self.pool.submit(key, {"spec": to_dict(spec), "init": str(init), "out": str(out)}, spec.run.timeout_s)
         rec = Record.load(out)
         shutil.rmtree(out, ignore_errors=True)
         return rec
@@ -123,8 +123,7 @@ class Session:
         return dict(load_file(str(write_init_weights(spec, envs.cache_root() / "init"))))
 
     def close(self) -> None:
-        for w in self.workers.values():
-            w.close()
+        self.pool.close()
         if self.own_dir:
             remove_run_dir(self.dir)
 
