@@ -22,10 +22,10 @@ def faults_case(tmp_path: Path, mode: str, timeout_s: float = 120, extra: str = 
 
 
 def run_faults(tmp_path: Path, mode: str, timeout_s: float = 120, extra: str = "", run: str = "",
-               batch: str = "") -> tuple[int, dict, str]:
+               batch: str = "", *flags: str) -> tuple[int, dict, str]:
     case = faults_case(tmp_path, mode, timeout_s, extra, run, batch)
     report = tmp_path / f"{mode}.json"
-    out = subprocess.run([sys.executable, "-m", "stepdiff", "run", str(case), "--json", str(report)],
+    out = subprocess.run([sys.executable, "-m", "stepdiff", "run", str(case), "--json", str(report), *flags],
                          capture_output=True, text=True, timeout=600)
     return out.returncode, json.loads(report.read_text()), out.stdout
 
@@ -63,7 +63,8 @@ def test_hang_is_stopped_by_the_framework_timeout_not_the_reference_one(tmp_path
 
 
 def test_reference_timeout_is_its_own_and_reported_as_the_reference(tmp_path: Path) -> None:
-    code, report, _ = run_faults(tmp_path, "none", timeout_s=600, run="reference_timeout_s = 1\n")
+    # --no-cache: the reference must really run (a cached reference result never times out)
+    code, report, _ = run_faults(tmp_path, "none", 600, "", "reference_timeout_s = 1\n", "", "--no-cache")
     assert code == 2
     reason = report["runs"][0]["reason"]
     assert reason.startswith("reference failed: the reference run timed out after 1 s"), reason

@@ -34,7 +34,7 @@ def wait_for_hang(proc: subprocess.Popen[str], tmp: Path, world_size: int, limit
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        logs = list(tmp.glob("stepdiff-run-*/faults/worker.log"))
+        logs = list(tmp.glob("stepdiff-run-*/workers/faults-*/worker.log"))  # the run's pooled faults worker
         if logs and logs[0].read_text(errors="replace").count("faults: simulated hang") >= world_size:
             return procs.descendants(proc.pid)
         time.sleep(0.2)
