@@ -351,8 +351,8 @@ def fuzz_summary(c: Any) -> str:
 
     what = f"property {c.prop}" if c.prop else "the reference"
     counts = c.counts()
-    apart = (f"; {counts.get('unsupported', 0)} unsupported and {counts.get('invalid', 0)} invalid draws counted "
-             "apart" if counts.get("unsupported") or counts.get("invalid") else "")
+    kinds = [f"{counts[k]} {k}" for k in ("unsupported", "invalid", "unjudged") if counts.get(k)]
+    apart = f"; {', '.join(kinds)} draws counted apart" if kinds else ""
     stop = f" ({c.stopped})" if c.stopped else ""
     if c.failing is None:
         if c.runs == 0:

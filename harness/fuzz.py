@@ -55,7 +55,9 @@ class Example:
     config: dict[str, Any]
     """The drawn dimensions (JSON-friendly)."""
     verdict: str
-    """agree | diverge | error (reference) or hold | violated | error (property); unsupported; invalid."""
+    """agree | diverge | error (reference) or hold | violated | error (property); unsupported (the adapter cannot
+    honour it); invalid (the spec refuses the combination); unjudged (the reference could not calibrate a bound for
+    it, e.g. a chaotic trajectory whose float32 and float64 runs disagree). The last three are counted apart."""
     reason: str
     max_rel_error: float | None = None
     signature: str | None = None
@@ -118,7 +120,7 @@ class Campaign:
 
     @property
     def runs(self) -> int:
-        return sum(1 for e in self.examples if e.verdict not in ("unsupported", "invalid"))
+        return sum(1 for e in self.examples if e.verdict not in ("unsupported", "invalid", "unjudged"))
 
     @property
     def verdict(self) -> str:
@@ -284,12 +286,18 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
             detail: Any
             if the_prop is None:
                 res = session.run(spec)
+                if (res.meta or {}).get("reference_failed"):  # e.g. a chaotic trajectory: fp32 and fp64 disagree
+                    _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unjudged", res.reason))
+                    reject()
                 detail = res
                 ex = Example(len(c.examples), state["phase"], _jsonable(cfg), res.verdict, res.reason,
                              res.max_rel_grad_error, res.signature.name if res.signature else None,
                              list(res.fit.weights) if res.fit else None, ST.describe_samples(spec))
             else:
                 out = P.check(the_prop, session, variants)
+                if out.verdict == "unjudged":
+                    _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unjudged", out.reason))
+                    reject()
                 detail = out
                 ex = Example(len(c.examples), state["phase"], _jsonable(cfg), out.verdict, out.reason, out.max_error,
                              microbatch_tokens=ST.describe_samples(spec))

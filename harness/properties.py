@@ -15,8 +15,9 @@ they also test code paths the reference cannot express. Every property is select
 - noop:           changing a knob that should not change the math (ZeRO stage, offload, overlap_comm, bucket sizes,
                   sampler seed, ...) changes nothing.
 
-Bounds: the dtype floor of `tolerance.bound_for` on gradients, its update bound on parameter updates; zero_lr allows a
-tenth of the floor.
+Bounds: calibrated as `stepdiff run` calibrates them (the dtype floor, raised by the reference's own float32-vs-float64
+error on the first variant: a measure of how much rounding the configuration's trajectory amplifies; a chaotic one is
+'unjudged', counted apart) on gradients, the update bound on parameter updates; zero_lr allows a tenth of the floor.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Outcome:
     """The verdict of one property on one configuration."""
 
     verdict: str
-    """'hold', 'violated', 'error' (a run crashed, hung or produced NaN) or 'unsupported' (a variant cannot run)."""
+    """'hold', 'violated', 'error' (a run crashed, hung or produced NaN), 'unsupported' (a variant cannot run) or
+    'unjudged' (the configuration's trajectory is chaotic: no bound can be calibrated for it)."""
     reason: str
     max_error: float | None = None
     """The largest relative difference found (gradients, updates or parameters)."""
@@ -314,7 +316,9 @@ def check(prop: Property, session: Session, variants: Variants) -> Outcome:
         reason = session.unsupported(spec)
         if reason:
             return Outcome("unsupported", f"{label}: {reason}", variants=variants)
-    bound = bound_for(first.model.dtype, None, first.run.rel_tolerance)
+    bound = _calibrated(session, first)
+    if isinstance(bound, str):
+        return Outcome("unjudged", bound, variants=variants)
     records = []
     try:
         for label, spec in variants:
@@ -332,6 +336,23 @@ def check(prop: Property, session: Session, variants: Variants) -> Outcome:
     if prop.relation == "duplicate":
         return _duplicate(variants, records, bound.value)
     return _equal(variants, records, init, bound.value, bound.update_bound(first.optimizer.name))
+
+
+def _calibrated(session: Session, spec: Spec) -> Any:
+    """The bound for comparing two runs of `spec`'s configuration: the dtype floor, raised like `stepdiff run`'s by
+    the reference's own float32-vs-float64 error (a conditioning measure of the trajectory, not a verdict). A
+    configuration whose trajectory is chaotic (the reference disagrees with itself past the ceiling) cannot be judged:
+    returns the reason. Where the reference cannot run the spec, the floor."""
+    from .envs import cache_root
+    from .model import write_init_weights
+    from .tolerance import CalibrationError
+
+    try:
+        return session.reference(spec, write_init_weights(spec, cache_root() / "init"))[1]
+    except CalibrationError as e:
+        return f"not judged: {e}"
+    except WorkerError:
+        return bound_for(spec.model.dtype, None, spec.run.rel_tolerance)
 
 
 def _equal(variants: Variants, records: Sequence[Record], init: Mapping[str, Any], bound: float,

@@ -103,8 +103,10 @@ class Session:
             ref, bound = self.reference(spec, init)
         except (WorkerError, CalibrationError) as e:
             message = e.message if isinstance(e, WorkerError) else str(e)
-            return RunResult(self.pin.name, self.pin.version, "error", f"reference failed: {message}",
-                             extra_pins=self.pin.extra)
+            failed = RunResult(self.pin.name, self.pin.version, "error", f"reference failed: {message}",
+                               extra_pins=self.pin.extra)
+            failed.meta = {"reference_failed": True}  # the tester could not judge this spec: not the framework's fault
+            return failed
         try:
             rec = self.framework(spec, init)
             result = compare(spec, rec, ref, load_file(str(init)), bound, self.pin.name, self.pin.version)

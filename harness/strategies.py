@@ -268,7 +268,9 @@ def draw(data: Any, space: Space, preset: Mapping[str, Any] | None = None) -> di
         cfg["optimizer.name"] = _choice(data, "optimizer.name", cur("optimizer.name"), list(caps.optimizers))
     opt = cur("optimizer.name")
     if on("optimizer.lr"):
-        cfg["optimizer.lr"] = _choice(data, "optimizer.lr", cur("optimizer.lr"), LR.get(opt, ()))
+        # an optimizer other than the case's starts from its own usual lr (SGD's 0.1 would make AdamW chaotic)
+        own = cur("optimizer.lr") if opt == base.optimizer.name or not LR.get(opt) else LR[opt][0]
+        cfg["optimizer.lr"] = _choice(data, "optimizer.lr", own, LR.get(opt, ()))
     if on("optimizer.momentum") and opt == "sgd":
         cfg["optimizer.momentum"] = _choice(data, "optimizer.momentum", cur("optimizer.momentum"), (0.0, 0.9))
     if opt == "adamw":
