@@ -155,7 +155,8 @@ class Worker:
         # folder, so they leave with it even when a signal kills torchrun before it can clean up
         tmp = self.dir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        env.update({"TMPDIR": str(tmp), "TEMP": str(tmp), "TMP": str(tmp)})
+        short = _short_tmp(tmp)
+        env.update({"TMPDIR": short, "TEMP": short, "TMP": short})
         owned = [d for d in _OWNED_DIRS if self.dir == d or d in self.dir.parents]
         env[procs.CLEANUP_DIR] = str(owned[0]) if owned else (str(self.dir) if self.own_dir else "")
         if self.device == "cpu":
@@ -254,6 +255,7 @@ class Worker:
                 pass
         with _LIVE_LOCK:
             _LIVE.discard(self)
+        _drop_short_tmp(self.dir / "tmp")
 
     def close(self) -> None:
         if self.alive():
@@ -278,6 +280,44 @@ class Worker:
                 shutil.rmtree(self.dir, ignore_errors=True)
             return
         self.close()
+
+
+SOCKET_SAFE_TMP = 40
+"""Longest TMPDIR handed to a worker as is. Python's multiprocessing (datasets' map, the Manager OpenRLHF's data
+path starts) puts AF_UNIX sockets at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX, and a socket path over 107 bytes
+fails (the Manager dies with EOFError): a deep worker folder gets a short symlink to its tmp folder instead."""
+
+
+def _short_link(tmp: Path) -> Path:
+    import hashlib
+
+    return Path(tempfile.gettempdir()) / f"sd-{hashlib.sha1(str(tmp).encode()).hexdigest()[:10]}"
+
+
+def _short_tmp(tmp: Path) -> str:
+    """`tmp`, or a short symlink to it when its path is too long for the sockets made inside it."""
+    tmp = tmp.resolve()
+    if len(str(tmp)) <= SOCKET_SAFE_TMP:
+        return str(tmp)
+    link = _short_link(tmp)
+    try:
+        if link.is_symlink() and Path(os.readlink(link)) != tmp:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(tmp, target_is_directory=True)
+    except OSError:
+        return str(tmp)
+    return str(link)
+
+
+def _drop_short_tmp(tmp: Path) -> None:
+    tmp = tmp.resolve()
+    link = _short_link(tmp)
+    try:
+        if link.is_symlink() and Path(os.readlink(link)) == tmp:
+            link.unlink()
+    except OSError:
+        pass
 
 
 def host_python() -> str:
