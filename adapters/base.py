@@ -130,6 +130,12 @@ class Driven:
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    optimizer: str = ""
+    """The optimizer that ran and who built it (RecordMeta.optimizer)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each reported number came from (RecordMeta.sources): 'framework', 'adapter' or 'none'."""
+    param_dtype: str = ""
+    """'float32' when the steps' parameters are the framework's float32 master weights of a low-precision run."""
 
 
 class Adapter:
@@ -206,5 +212,6 @@ class Adapter:
             readout=out.readout, device=ctx.device, world_size=ctx.world_size, dtype=spec.model.dtype,
             versions=framework_versions(*self.version_dists), warnings=out.warnings,
             timings={"run_s": time.perf_counter() - t0, **out.timings}, patches=out.patches, extra=out.extra,
+            optimizer=out.optimizer, sources=out.sources, param_dtype=out.param_dtype,
         )
         return Record(meta=meta, steps=out.steps)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float64": torch.float64}[name]
 
 
 def build_model(spec: Spec, init_path: Path | None, dtype: str | None = None) -> Any:
@@ -62,13 +63,46 @@ def assert_no_dropout(model: Any) -> None:
 
 
 def make_optimizer(spec: Spec, params: Any) -> Any:
-    """torch's SGD or AdamW configured from the spec (constant lr; clipping is applied separately)."""
+    """torch's SGD or AdamW configured from the spec (constant lr; clipping is applied separately). `params` may be
+    parameter groups (see `param_groups`: optimizer.no_decay parameters get weight_decay 0)."""
     import torch
 
     o = spec.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def param_groups(spec: Spec, named: Any) -> list[dict[str, Any]]:
+    """Parameter groups from (name, parameter) pairs or a name -> parameter dict: those matching a pattern of
+    optimizer.no_decay get weight_decay 0 (empty groups are left out)."""
+    import re
+
+    items = list(named.items()) if hasattr(named, "items") else list(named)
+    skip = [p for n, p in items if any(re.search(x, n) for x in spec.optimizer.no_decay)]
+    decay = [p for n, p in items if not any(re.search(x, n) for x in spec.optimizer.no_decay)]
+    groups: list[dict[str, Any]] = [{"params": decay}] if decay else []
+    if skip:
+        groups.append({"params": skip, "weight_decay": 0.0})
+    return groups
+
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+def read_state(opt: Any, named: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """A torch-style optimizer's per-parameter state (exp_avg, exp_avg_sq, momentum_buffer) as fp32 CPU copies
+    under canonical names, and its step counter (None when it keeps none)."""
+    state: dict[str, dict[str, Any]] = {}
+    step = None
+    for n, p in named.items():
+        st = opt.state.get(p, {})
+        kv = {k: st[k].detach().float().cpu().clone() for k in STATE_KEYS if k in st and st[k] is not None}
+        if kv:
+            state[n] = kv
+        if "step" in st:
+            step = int(float(st["step"]))
+    return state, step
 
 
 def load_init(model: Any, init_path: Path) -> None:

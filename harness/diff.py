@@ -85,3 +85,35 @@ def scalar_rel(a: float | None, ref: float | None) -> float | None:
 
 def subtract(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: a[n].double() - b[n].double() for n in a if n in b}
+
+
+MANTISSA_BITS = {"float64": 52, "float32": 23, "bfloat16": 7, "float16": 10}
+
+
+def ulp(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The spacing of `dtype`'s numbers at each element of `t` (float64; 0 where t is 0)."""
+    import torch
+
+    x = t.detach().double()
+    _, e = torch.frexp(x)
+    out = torch.ldexp(torch.ones_like(x), (e - 1 - MANTISSA_BITS[dtype]))
+    return torch.where(x == 0, torch.zeros_like(x), out)
+
+
+def update_diff(after: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                before: Mapping[str, torch.Tensor], dtype: str) -> DictDiff:
+    """A framework's update (after - before) against the expected one (expected - before), forgiving what rounding
+    the parameters to `dtype` can do: a framework stores round(master) (or rounds p + update), so each of `before`
+    and `after` may be off the exact value by half a unit in the last place. Only the part of the difference beyond
+    that allowance counts; the result reads like any DictDiff (relative to the expected update)."""
+    fw, exp = {}, {}
+    for n in expected:
+        if n not in after or n not in before or after[n].shape != expected[n].shape:
+            continue
+        b = before[n].double()
+        e = expected[n].double() - b
+        d = after[n].double() - expected[n].double()
+        allow = 0.5 * (ulp(after[n], dtype) + ulp(before[n], dtype))
+        excess = d.sign() * (d.abs() - allow).clamp(min=0)
+        fw[n], exp[n] = e + excess, e
+    return dict_diff(fw, exp)

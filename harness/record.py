@@ -1,9 +1,12 @@
 """The record an adapter returns for one spec: per optimizer step the framework's reported loss and grad norm,
 per-parameter gradients after accumulation and before clipping (unsharded, fp32, canonical names), parameters after
-the step; plus metadata (versions, code path, device, world size, warnings, timings).
+the step, the optimizer state after the step where the framework exposes it (Adam's exp_avg / exp_avg_sq, SGD's
+momentum_buffer, gathered when sharded or offloaded; the optimizer's step counter); plus metadata (versions, code
+path, the optimizer that ran, where each reported number came from, device, world size, warnings, timings).
 
 On disk: `record.json` (metadata and scalars) and `tensors.safetensors` (keys `grad/<step>/<name>`,
-`param/<step>/<name>`, and adapter extras such as the reference's `contrib/<step>/<rank>/<micro>/<name>`).
+`param/<step>/<name>`, `state/<step>/<name>/<key>`, and adapter extras such as the reference's
+`contrib/<step>/<rank>/<micro>/<name>`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ class StepRecord:
     """Per-parameter gradients after accumulation, before clipping: unsharded, fp32, canonical names."""
     params: dict[str, torch.Tensor]
     """Parameters after the optimizer step: unsharded, fp32, canonical names."""
+    state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Optimizer state after the step, per parameter: {'exp_avg': ..., 'exp_avg_sq': ...} (AdamW) or
+    {'momentum_buffer': ...} (SGD); unsharded fp32; empty when the framework does not expose it."""
+    opt_step: int | None = None
+    """The optimizer's own step counter after the step (Adam's `step`), or None when not exposed."""
 
 
 @dataclass
@@ -48,6 +56,20 @@ class RecordMeta:
     timings: dict[str, float] = field(default_factory=dict)
     patches: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = ""
+    """The optimizer that ran and who built it, e.g. 'deepspeed.ops.adam.DeepSpeedCPUAdam (DeepSpeed, from the
+    config's optimizer block)' or 'torch.optim.AdamW (handed in by the adapter)'."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each reported number came from: key 'loss' | 'grad_norm' | 'grads' | 'params' | 'state' -> 'framework'
+    (the framework computed it), 'adapter' (the adapter fed or computed it: not evidence about the framework) or
+    'none'. Only 'framework' numbers are compared; a missing key counts as 'framework'."""
+
+    param_dtype: str = ""
+    """The precision of the recorded parameters when it is not the spec's dtype: 'float32' when a low-precision
+    run records its float32 master weights (then updates are checked at float32 resolution)."""
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "framework")
 
 
 @dataclass
@@ -69,7 +91,10 @@ class Record:
                 tensors[f"grad/{s}/{name}"] = _fp32_or_64(t)
             for name, t in st.params.items():
                 tensors[f"param/{s}/{name}"] = _fp32_or_64(t)
-            scalars.append({"loss": _num(st.loss), "grad_norm": _num(st.grad_norm)})
+            for name, kv in st.state.items():
+                for key, t in kv.items():
+                    tensors[f"state/{s}/{name}/{key}"] = _fp32_or_64(t)
+            scalars.append({"loss": _num(st.loss), "grad_norm": _num(st.grad_norm), "opt_step": st.opt_step})
         for key, t in self.extras.items():
             tensors[key] = t.detach().to("cpu").contiguous()
         save_file(tensors, str(d / "tensors.safetensors"))
@@ -87,10 +112,16 @@ class Record:
         for s, sc in enumerate(doc["steps"]):
             grads = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"grad/{s}/")}
             params = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"param/{s}/")}
+            state: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                if k.startswith(f"state/{s}/"):
+                    name, key = k.split("/", 2)[2].rsplit("/", 1)
+                    state.setdefault(name, {})[key] = v
             loss = float(sc["loss"]) if sc["loss"] is not None else math.nan
             norm = float(sc["grad_norm"]) if sc["grad_norm"] is not None else None
-            steps.append(StepRecord(loss=loss, grad_norm=norm, grads=grads, params=params))
-        extras = {k: v for k, v in tensors.items() if not k.startswith(("grad/", "param/"))}
+            steps.append(StepRecord(loss=loss, grad_norm=norm, grads=grads, params=params, state=state,
+                                    opt_step=sc.get("opt_step")))
+        extras = {k: v for k, v in tensors.items() if not k.startswith(("grad/", "param/", "state/"))}
         return cls(meta=RecordMeta(**doc["meta"]), steps=steps, extras=extras)
 
 

@@ -41,8 +41,11 @@ MAX_TOTAL_BYTES = int(float(os.environ.get("STEPDIFF_REFCACHE_MAX_MB", "4096")) 
 
 # The modules whose code decides the reference's numbers. A package (after a move into adapters/<name>/) is hashed
 # whole.
-SOURCE_MODULES = ("stepdiff.adapters.reference", "stepdiff.adapters.base", "stepdiff.harness.data",
-                  "stepdiff.harness.model", "stepdiff.harness.record", "stepdiff.harness.spec")
+SOURCE_MODULES = ("stepdiff.adapters.reference", "stepdiff.adapters.base", "stepdiff.adapters.common",
+                  "stepdiff.harness.data", "stepdiff.harness.model", "stepdiff.harness.record", "stepdiff.harness.spec",
+                  "stepdiff.harness.tolerance", "stepdiff.harness.calibration", "stepdiff.harness.optim",
+                  "stepdiff.harness.compare", "stepdiff.harness.diff", "stepdiff.harness.signatures")
+"""Also the modules that turn the reference's records into the cached bounds (calibration, tolerance, optim)."""
 IGNORED_RUN_FIELDS = ("timeout_s",)
 
 

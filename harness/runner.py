@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import envs, outcome, pins
+from .calibration import calibrate as calibrate_bound
 from .compare import RunResult
 from .diff import dict_diff
 from .errors import UsageError
@@ -74,9 +75,18 @@ Submit = Callable[[dict[str, Any], float, str], Any]
 (Worker.submit, or a pooled worker's)."""
 
 
+def reference_record(submit: Submit, spec: Spec, init: Path, out: Path, **options: Any) -> Record:
+    """One reference run through `submit` (options: dtype, teacher, token_step, contributions, contrib_sketch)."""
+    submit({"spec": to_dict(spec), "init": str(init), "out": str(out), "options": options},
+           spec.run.reference_timeout_s, "run.reference_timeout_s")
+    return Record.load(out)
+
+
 def run_reference(spec: Spec, init: Path, workdir: Path, calibrate: bool = True,
                   submit: Submit | None = None) -> tuple[Record, Bound, dict[str, str]]:
-    """The reference record and the bound calibrated from the reference's own float32-vs-float64 error.
+    """The reference record and the bounds calibrated from the reference's own errors against its float64 run,
+    teacher forced along the reference's own trajectory (harness.calibration: gradients in total and per parameter,
+    micro-batch weights, updates and optimizer state).
 
     Real-size models: per-micro-batch contributions are kept as sketches when full copies would not fit
     (harness/sketch.py), and the float64 calibration runs on the same shape with fewer layers when a float64 copy
@@ -87,34 +97,44 @@ def run_reference(spec: Spec, init: Path, workdir: Path, calibrate: bool = True,
         with Worker("reference", host.python, 1, spec.run.device, workdir=workdir / "reference",
                     role="reference") as w:
             return run_reference(spec, init, workdir, calibrate, w.submit)
+    from safetensors.torch import load_file
+
     from .sketch import fraction_for
 
     host = envs.host_environment()
     rdir = workdir / "reference"
     n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
     fraction = fraction_for(n_params, spec.batch.world_size * spec.batch.grad_accum)
-    rt, field = spec.run.reference_timeout_s, "run.reference_timeout_s"
-    submit({"spec": to_dict(spec), "init": str(init), "out": str(rdir / "record"),
-            "options": {"contrib_sketch": fraction} if fraction else {}}, rt, field)
-    ref = Record.load(rdir / "record")
+    ref = reference_record(submit, spec, init, rdir / "record", **({"contrib_sketch": fraction} if fraction else {}))
     if not calibrate or spec.model.dtype == "float64":
-        return ref, bound_for(spec.model.dtype, None, spec.run.rel_tolerance), host.versions
+        return ref, bound_for(spec.model.dtype, None, spec.run.rel_tolerance,
+                              update_override=spec.run.update_tolerance), host.versions
     cal, note = calibration_spec(spec, n_params)
-    if cal is spec:
-        work = ref
-    else:  # the same shape with fewer layers, in the working precision too
+    work, work_dir, cal_init = ref, rdir / "record", init
+    if cal is not spec:  # the same shape with fewer layers, in the working precision too
         cal_init = write_init_weights(cal, envs.cache_root() / "init")
-        submit({"spec": to_dict(cal), "init": str(cal_init), "out": str(rdir / "record-cal"),
-                "options": {"contributions": False}}, rt, field)
-        work = Record.load(rdir / "record-cal")
-    submit({"spec": to_dict(cal), "init": str(init if cal is spec else cal_init), "out": str(rdir / "record64"),
-            "options": {"dtype": "float64", "contributions": False}}, rt, field)
-    ref64 = Record.load(rdir / "record64")
-    self_error = max(dict_diff(a.grads, b.grads).total.rel for a, b in zip(work.steps, ref64.steps, strict=True))
-    bound = bound_for(spec.model.dtype, self_error, spec.run.rel_tolerance)
+        work_dir = rdir / "record-cal"
+        work = reference_record(submit, cal, cal_init, work_dir, contributions=False)
+    # float64 contributions (for the micro-batch weight calibration) only where the working run keeps full ones
+    ref64 = reference_record(submit, cal, cal_init, rdir / "record64", dtype="float64", teacher=str(work_dir),
+                             contributions=cal is spec and not fraction)
+    bound = calibrate_bound(cal, work, ref64, load_file(str(cal_init)))
     if note:
         bound = replace(bound, source=f"{bound.source}; {note}")
     return ref, bound, host.versions
+
+
+def teacher_forced(submit: Submit, spec: Spec, init: Path, record_dir: Path, out: Path) -> Record | None:
+    """The reference replayed along a framework's own parameters: step s >= 1 from the parameters the framework had
+    before it (None for one step: step 0 starts from the initial weights for everyone)."""
+    from .sketch import fraction_for
+
+    if spec.batch.steps == 1:
+        return None
+    n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
+    fraction = fraction_for(n_params, spec.batch.world_size * spec.batch.grad_accum)
+    return reference_record(submit, spec, init, out, teacher=str(record_dir),
+                            **({"contrib_sketch": fraction} if fraction else {}))
 
 
 FP64_BUDGET_ENV = "STEPDIFF_FP64_BUDGET_GB"

@@ -38,7 +38,7 @@ from .refcache import Entry, ReferenceCache, key_material
 from .registry import get_adapter
 from .safepath import component
 from .spec import Spec, to_dict
-from .tolerance import Bound, CalibrationError, bound_for
+from .tolerance import Bound, CalibrationError, bound_for, bound_from_dict, bound_to_dict
 
 
 class Cores:
@@ -180,8 +180,7 @@ class Scheduler:
         if case.cached is not None:
             try:
                 rec = Record.load(case.cached.path)
-                v = case.cached.values
-                bound = Bound(float(v["bound"]), str(v["bound_source"]), v.get("self_error"))
+                bound = bound_from_dict(case.cached.values)
                 return _Ref(rec, bound, host.versions, cached=True, dir=case.cached.path)
             except Exception as e:  # unreadable despite its checksums: recompute
                 self.say(f"stepdiff: cached reference could not be read ({type(e).__name__}: {e}); recomputing")
@@ -199,15 +198,18 @@ class Scheduler:
             return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=e.message, log_tail=e.log_tail)
         except CalibrationError as e:
             return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=str(e))
-        self.cache.put(reference_material(spec), case.wd / "reference" / "record",
-                       {"bound": bound.value, "bound_source": bound.source, "self_error": bound.reference_self_error})
+        self.cache.put(reference_material(spec), case.wd / "reference" / "record", bound_to_dict(bound))
         return _Ref(rec, bound, versions, dir=case.wd / "reference" / "record")
 
-    def token_reference(self, spec: Spec, init: Path, step: int, out: Path) -> Record | None:
-        """The reference's per-token contributions at `step` (cached like the reference), or None if it cannot run."""
-        options = {"token_step": step}
+    def token_reference(self, spec: Spec, init: Path, step: int, out: Path,
+                        teacher: str | None = None) -> Record | None:
+        """The reference's per-token contributions at `step` (cached like the reference unless replayed along a
+        framework's own parameters, `teacher`), or None if it cannot run."""
+        options: dict[str, Any] = {"token_step": step}
+        if teacher:
+            options["teacher"] = teacher
         material = key_material(spec, options)
-        entry = self.cache.get(material)
+        entry = None if teacher else self.cache.get(material)
         if entry is not None:
             try:
                 return Record.load(entry.path)
@@ -221,8 +223,23 @@ class Scheduler:
                                  timeout, *field_name)
         except WorkerError:
             return None  # the token fit is an explanation, never a verdict: skip it if it cannot run
-        self.cache.put(material, out)
+        if not teacher:
+            self.cache.put(material, out)
         return Record.load(out)
+
+    def teacher_reference(self, spec: Spec, init: Path, record_dir: Path, out: Path) -> Record | None:
+        """The reference replayed along a framework run's own parameters (runner.teacher_forced), on the pooled
+        reference worker: a task of the reference's lane, holding one core."""
+        from .runner import teacher_forced
+
+        key = self.reference_key(spec.run.device)
+        timeout, field_name = _reference_timeout(spec)
+
+        def submit(request: dict[str, Any], timeout_s: float, field: str) -> Any:
+            return self.pool.submit(key, request, timeout, *field_name)
+
+        with self.cores.hold(1):
+            return teacher_forced(submit, spec, init, record_dir, out)
 
     # -- a framework run -------------------------------------------------------------------------------------
 
@@ -272,7 +289,12 @@ class Scheduler:
         else:
             assert rec is not None
             try:
-                result = compare(spec, rec, ref.record, load_file(str(case.init)), ref.bound, name, version)
+                tref = None
+                if spec.batch.steps > 1:  # later steps at the framework's own parameters (on the reference's lane)
+                    lane = self.lane(self.reference_key(spec.run.device))
+                    tref = lane.submit(self.teacher_reference, spec, case.init or Path(), wdir / "record",
+                                       wdir / "teacher").result()
+                result = compare(spec, rec, ref.record, load_file(str(case.init)), ref.bound, name, version, tref)
                 result.meta = _meta_dict(rec)
             except WorkerError as e:
                 result = RunResult(name, version, "error", e.message, ref.bound, log_tail=e.log_tail)
@@ -395,24 +417,25 @@ class Scheduler:
         from .model import parameter_shapes
         from .runner import TOKEN_FIT_MAX_FLOATS, _dirname
 
-        todo = [r for r in runs if r.verdict == "diverge" and r.first_diverging_step is not None]
+        todo = [r for r in runs if r.verdict == "diverge" and r.first_diverging_step is not None
+                and "gradient" in r.steps[r.first_diverging_step].kinds]
         if spec.loss.kind != "sft" or not todo:
             return
         n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
         n_tokens = sum(len(s.prompt) + len(s.response) for s in D.samples(spec)[: spec.samples_per_step])
         if n_params * n_tokens > TOKEN_FIT_MAX_FLOATS:
             return
-        for step in sorted({r.first_diverging_step for r in todo if r.first_diverging_step is not None}):
-            out = wd / "reference-tokens" / f"step{step}"
-            lane = self.lane(self.reference_key(spec.run.device))
-            token_ref = lane.submit(self.token_reference, spec, init, step, out).result()
+        lane = self.lane(self.reference_key(spec.run.device))
+        for r in todo:
+            step = r.first_diverging_step
+            assert step is not None
+            teacher = str(wd / _dirname(r.label) / "record") if step > 0 else None  # the framework's own parameters
+            out = wd / "reference-tokens" / (f"{_dirname(r.label)}-step{step}" if teacher else f"step{step}")
+            token_ref = lane.submit(self.token_reference, spec, init, step, out, teacher).result()
             if token_ref is None:
                 return
-            for r in todo:
-                if r.first_diverging_step == step:
-                    rec = Record.load(wd / _dirname(r.label) / "record")
-                    r.tokens = fit_tokens(spec, rec.steps[step].grads, token_ref)
-
+            rec = Record.load(wd / _dirname(r.label) / "record")
+            r.tokens = fit_tokens(spec, rec.steps[step].grads, token_ref)
 
 def reference_material(spec: Spec) -> dict[str, Any]:
     """The reference-cache key material of a case's reference (record + calibrated bound): the spec plus what

@@ -23,7 +23,7 @@ from .refcache import ReferenceCache
 from .registry import get_adapter
 from .runner import FrameworkPin, _environment, worker_env
 from .spec import Spec, to_dict
-from .tolerance import Bound, CalibrationError
+from .tolerance import Bound, CalibrationError, bound_from_dict, bound_to_dict
 from .workers import make_run_dir, remove_run_dir
 
 
@@ -71,25 +71,36 @@ class Session:
         material = reference_material(spec)
         entry = self.cache.get(material)
         if entry is not None:
-            v = entry.values
-            return Record.load(entry.path), Bound(float(v["bound"]), str(v["bound_source"]), v.get("self_error"))
+            return Record.load(entry.path), bound_from_dict(entry.values)
         host = envs.host_environment()
         key = self._key("reference", host.python, 1, spec.run.device, {})
         out = self._next_dir("ref")
         ref, bound, _ = run_reference(spec, init, out, submit=lambda req, t, f: self.pool.submit(key, req, t, f))
-        self.cache.put(material, out / "reference" / "record",
-                       {"bound": bound.value, "bound_source": bound.source, "self_error": bound.reference_self_error})
+        self.cache.put(material, out / "reference" / "record", bound_to_dict(bound))
         shutil.rmtree(out, ignore_errors=True)
         return ref, bound
 
-    def framework(self, spec: Spec, init: Path) -> Record:
-        """The framework's record of `spec` (raises WorkerError on a crash, hang or failed run)."""
+    def framework(self, spec: Spec, init: Path, keep: Path | None = None) -> Record:
+        """The framework's record of `spec` (raises WorkerError on a crash, hang or failed run); left on disk at
+        `keep` when given (the teacher-forced reference reads it)."""
         key = self._key(self.pin.name, self.env.python, spec.batch.world_size, spec.run.device, worker_env(self.env))
-        out = self._next_dir("fw")
+        out = keep or self._next_dir("fw")
         self.pool.submit(key, {"spec": to_dict(spec), "init": str(init), "out": str(out)}, spec.run.timeout_s)
         rec = Record.load(out)
-        shutil.rmtree(out, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(out, ignore_errors=True)
         return rec
+
+    def teacher(self, spec: Spec, init: Path, record_dir: Path) -> Record | None:
+        """The reference replayed along the framework run's own parameters (later steps, as `stepdiff run`)."""
+        from .runner import teacher_forced
+
+        key = self._key("reference", envs.host_environment().python, 1, spec.run.device, {})
+        out = self._next_dir("teacher")
+        try:
+            return teacher_forced(lambda req, t, f: self.pool.submit(key, req, t, f), spec, init, record_dir, out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def run(self, spec: Spec) -> RunResult:
         """The framework against the reference, verdict as `stepdiff run` gives it."""
@@ -107,14 +118,18 @@ class Session:
                                extra_pins=self.pin.extra)
             failed.meta = {"reference_failed": True}  # the tester could not judge this spec: not the framework's fault
             return failed
+        fw_dir = self._next_dir("fw")
         try:
-            rec = self.framework(spec, init)
-            result = compare(spec, rec, ref, load_file(str(init)), bound, self.pin.name, self.pin.version)
+            rec = self.framework(spec, init, keep=fw_dir)
+            tref = self.teacher(spec, init, fw_dir)
+            result = compare(spec, rec, ref, load_file(str(init)), bound, self.pin.name, self.pin.version, tref)
             result.meta = asdict(rec.meta)
         except UnsupportedError as e:
             result = RunResult(self.pin.name, self.pin.version, "unsupported", e.message, bound, log_tail=e.log_tail)
         except WorkerError as e:
             result = RunResult(self.pin.name, self.pin.version, "error", e.message, bound, log_tail=e.log_tail)
+        finally:
+            shutil.rmtree(fw_dir, ignore_errors=True)
         result.extra_pins = self.pin.extra
         result.env_versions = self.env.versions
         return result

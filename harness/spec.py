@@ -44,7 +44,7 @@ MAX_SEED = 2**63 - 1
 MAX_STRING = 10_000
 """Longest string field (a description is a paragraph)."""
 
-Dtype = Literal["float32", "bfloat16", "float64"]
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:
@@ -125,6 +125,9 @@ class OptimizerSpec:
     betas: tuple[float, float] = doc((0.9, 0.999), "AdamW betas.")
     eps: float = doc(1e-8, "AdamW epsilon.", minimum=0.0)
     weight_decay: float = doc(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).", minimum=0.0)
+    no_decay: tuple[str, ...] = doc((), "Parameter-name regular expressions (searched in the canonical name) that "
+                                        "get no weight decay, e.g. ['norm', 'bias'] as transformers' Trainer and "
+                                        "OpenRLHF group parameters; empty = every parameter decays.")
     clip_grad_norm: float = doc(0.0, "Global grad-norm clipping; 0 = off (and set explicitly off in every framework).",
                                 minimum=0.0)
     schedule: Literal["constant"] = doc("constant", "Learning-rate schedule.")
@@ -176,6 +179,9 @@ class RunSpec:
     rel_tolerance: float = doc(0.0, "Override of the relative-error bound; 0 = calibrated from dtype and the "
                                     "reference's own fp64 error; at most the dtype's ceiling (1e-6 float64, 1e-2 "
                                     "float32, 0.2 bfloat16).", minimum=0.0)
+    update_tolerance: float = doc(0.0, "Override of the bound on update and optimizer-state errors; 0 = calibrated "
+                                       "from the reference's own update error against float64.", minimum=0.0,
+                                  maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -490,6 +496,14 @@ def validate(spec: Spec) -> None:
     if spec.optimizer.name == "adamw" and not all(0 <= x < 1 for x in spec.optimizer.betas):
         raise SpecError("optimizer.betas", list(spec.optimizer.betas), "each beta must be in [0, 1)",
                         "write optimizer.betas = [0.9, 0.999]")
+    import re
+
+    for i, pattern in enumerate(spec.optimizer.no_decay):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SpecError(f"optimizer.no_decay[{i}]", pattern, f"not a regular expression ({e})",
+                            "write a plain substring such as 'norm' or a valid regular expression") from None
     grouped = spec.loss.kind == "policy" and spec.rl.advantage != "given"
     if grouped and spec.samples_per_step % spec.rl.group_size:
         raise SpecError("rl.group_size", spec.rl.group_size,

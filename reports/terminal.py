@@ -60,6 +60,14 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _state(s: Doc) -> str:
+    """Optimizer-state errors and the step counter of one step, when compared."""
+    out = "".join(f"  {k} rel {num(v)}" for k, v in (s.get("state_rel") or {}).items())
+    if s.get("opt_step") is not None:
+        out += f"  step counter {s['opt_step']} (ref {s.get('opt_step_ref')})"
+    return out
+
+
 def header(c: Doc) -> str:
     sp = c["spec"]
     b = sp["batch"]
@@ -87,7 +95,12 @@ def odd_one_out_line(c: Doc) -> str | None:
 
 def render(result: Any) -> str:
     c = as_case(result)
-    out = [f"case {c['case']}: {header(c)}", f"bound: relative error <= {c['bound_source']}", ""]
+    out = [f"case {c['case']}: {header(c)}", f"bound: relative error <= {c['bound_source']}"]
+    if c.get("update_bound_source"):
+        out.append(f"update bound: relative error beyond parameter rounding <= {c['update_bound_source']}")
+    if c.get("weights_bound_source"):
+        out.append(f"micro-batch weights: |w - 1| <= {c['weights_bound_source']}")
+    out.append("")
     rows = [["framework", "verdict", "max rel grad err", "worst parameter", "micro-batch weights (1 = correct)"]]
     for r in c["runs"]:
         worst = r["worst_parameter"]
@@ -125,12 +138,16 @@ def detail(run: Any) -> list[str]:
     meta = r.get("meta")
     if meta:
         lines.append(f"  ran: {meta.get('code_path')} [{meta.get('device')}, world size {meta.get('world_size')}]")
+    if r.get("optimizer"):
+        lines.append(f"  optimizer: {r['optimizer']}")
+    for what, how in (r.get("compared") or {}).items():
+        lines.append(f"  {what}: {how}")
     for s in r["steps"]:
         flag = "  <- diverges" if s["diverged"] else ""
         lines.append(f"  step {s['step']}: loss {num(s['loss'], '.6g')} (ref {num(s['loss_ref'], '.6g')})  grad norm "
                      f"{num(s['grad_norm'], '.6g', 'n/a')} (ref {num(s['grad_norm_ref'], '.6g', 'n/a')})  grad rel "
                      f"{num(s['grad_rel'])}  cos {num(s['grad_cosine'], '.6f')}  update rel "
-                     f"{num(s['update_rel'])}{flag}")
+                     f"{num(s['update_rel'])}{_state(s)}{flag}")
     first = r["first_diverging_step"]
     if first is not None:
         s = r["steps"][first]
@@ -146,11 +163,21 @@ def detail(run: Any) -> list[str]:
             lines.append(f"    ... {over} of {len(params)} parameters over the bound")
     for finding in r["supervision_mismatches"]:
         lines.append(f"  supervised tokens: {finding}")
+    if first is not None and "update" in (r["steps"][first].get("failed") or []):
+        s = r["steps"][first]
+        lines.append(f"  parameters by update error at step {s['step']} (bound {num(r.get('update_bound'), '.1e')}):")
+        for p in (s.get("params_by_update_error") or [])[:5]:
+            lines.append(f"    {p['name']:45s} rel {num(p['rel'], '.3e')}  max abs {num(p['max_abs'], '.3e')}")
     if r["microbatch_weights"] is not None and r["signature"]:
         pairs = ", ".join(f"{lab}=undetermined" if w == "nan" else f"{lab}={num(w, '.3f')}"
                           for lab, w in zip(r["microbatch_labels"], r["microbatch_weights"], strict=True))
         lines.append(f"  micro-batch weights at step {r['fit_step']} (fit residual {num(r['fit_residual'], '.1e')}): "
                      + pairs)
+    iso = r.get("optimizer_isolation")
+    if iso:
+        lines.append(f"  optimizer isolation (the spec's optimizer on the framework's own gradients: off by "
+                     f"{num(iso['correct_residual'], '.2e')}): {iso['name']}: {iso['text']}")
+    if r["signature"]:
         lines.append(f"  signature: {r['signature']}: {r['signature_text']}")
     if r["token_signature"]:
         lines.append(f"  token weights (fit residual {num(r['token_fit_residual'], '.1e')}): {r['token_signature']}: "

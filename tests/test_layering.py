@@ -22,11 +22,12 @@ FRAMEWORKS = {"deepspeed", "openrlhf", "trl", "verl", "accelerate", "peft", "fla
               "tensordict"}
 HEAVY = FRAMEWORKS | {"torch", "transformers", "safetensors", "numpy"}
 ADAPTER_MAY_IMPORT = {"stepdiff.harness.spec", "stepdiff.harness.record", "stepdiff.harness.data",
-                      "stepdiff.harness.model", "stepdiff.harness.sketch"}
+                      "stepdiff.harness.model", "stepdiff.harness.sketch", "stepdiff.harness.optim"}
 """What an adapter may take from the harness: the contracts (spec, record, data placement), the model config the
-shared initial weights were written for (harness.model.hf_config) and the sketch format of the reference's recorded
-contributions (harness.sketch, a record format for real-size models)."""
-COMPARISON = ("diff", "tolerance", "signatures", "compare")
+shared initial weights were written for (harness.model.hf_config), the sketch format of the reference's recorded
+contributions (harness.sketch, a record format for real-size models) and the spec's optimizer written out
+(harness.optim: the `faults` self-test breaks it on purpose)."""
+COMPARISON = ("diff", "tolerance", "signatures", "compare", "optim", "optsig", "calibration")
 
 
 def imports(path: Path, package: str) -> list[tuple[str, list[str], bool]]:

@@ -194,6 +194,9 @@ def test_unsupported_specs_are_reported(case: S.Spec) -> None:
     assert A.unsupported(case) is None
     assert "sgd" in A.unsupported(case.replace(optimizer__name="sgd"))
     assert "weight_decay" in A.unsupported(case.replace(optimizer__weight_decay=0.01))
+    # weight decay runs when the spec excludes exactly what OpenRLHF's get_optimizer_grouped_parameters excludes
+    grouped = case.replace(optimizer__weight_decay=0.01, optimizer__no_decay=["bias", "norm.weight"])
+    assert A.unsupported(grouped) is None
     assert "EOS" in A.unsupported(case.replace(data__samples=[{"prompt": [5, 6], "response": [7, 8]}] * 4))
     assert "supervise" in A.unsupported(case.replace(data__supervise="all"))
     bb = case.replace(openrlhf={"readout": "adam-delta"})

@@ -21,13 +21,53 @@ ARCH_LIST = Patch(
     "DeepSpeed's op builder (compute_capability_args, 0.19.6 on an H200 image that sets '9.0a') parses each entry "
     "as integers and fails, so its JIT ops (FusedAdam, OpenRLHF's default) never build; the suffix only enables "
     "arch-specific instructions those kernels do not use")
-PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS, ARCH_LIST)
+INTEL_STAND_INS = Patch(
+    "sys.modules['intel_extension_for_pytorch'], sys.modules['oneccl_bindings_for_pytorch'], "
+    "torch.distributed.elastic.agent.server.api.log/_get_socket_with_port, CPU_Accelerator._communication_backend_name",
+    "empty stand-in modules, two names torch 2.13 no longer has, and the accelerator's backend name 'ccl' -> 'gloo' "
+    "(deepspeed < 0.14 on CPU only)",
+    "0.13's CPU accelerator refuses to load without Intel's extension and imports oneCCL's bindings, but calls neither "
+    "(no release of either exists for torch 2.13: intel-extension-for-pytorch stops at 2.8.0, pinned to torch 2.8); "
+    "its elastic agent imports two torch names at import time and is never used; with the backend name 'gloo', "
+    "init_distributed skips building the oneCCL op (later releases fall back to gloo by themselves)")
+PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS, ARCH_LIST, INTEL_STAND_INS)
+_EARLY: list[Patch] = []
 
 
 def select_accelerator(device: str) -> None:
     """DeepSpeed's CPU accelerator on CPU (set before deepspeed is imported; its auto-detection wants CUDA)."""
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _intel_stand_ins()
+
+
+def _intel_stand_ins() -> None:
+    """Before deepspeed is imported: stand-ins for the Intel packages 0.13's CPU accelerator imports."""
+    import sys
+    import types
+    from importlib import metadata
+
+    from stepdiff._util import version_tuple
+
+    try:
+        version = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        return
+    if version_tuple(version) >= (0, 14) or INTEL_STAND_INS in _EARLY:
+        return
+    for name in ("intel_extension_for_pytorch", "oneccl_bindings_for_pytorch"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    import logging
+
+    api = importlib.import_module("torch.distributed.elastic.agent.server.api")
+    if not hasattr(api, "log"):
+        api.log = logging.getLogger("torchelastic")  # type: ignore[attr-defined]
+    if not hasattr(api, "_get_socket_with_port"):
+        def _unused(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("stepdiff: DeepSpeed's elastic agent is not supported with this torch")
+
+        api._get_socket_with_port = _unused  # type: ignore[attr-defined]
+    _EARLY.append(INTEL_STAND_INS)
 
 
 def skip_shm_op_build() -> list[Patch]:
@@ -56,6 +96,16 @@ def detach_flat_buffers() -> list[Patch]:
     return [DETACH_FLAT_BUFFERS]
 
 
+def _legacy_backend_name() -> None:
+    """deepspeed < 0.14: its CPU accelerator always names 'ccl' (oneCCL) as the backend; gloo like later releases."""
+    if INTEL_STAND_INS in _EARLY:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        if getattr(acc, "_communication_backend_name", None) == "ccl":
+            acc._communication_backend_name = "gloo"
+
+
 def plain_arch_list() -> list[Patch]:
     """Before any JIT build: '8.0;9.0a+PTX' -> '8.0;9.0+PTX' (only when a suffix is there)."""
     import re
@@ -71,7 +121,8 @@ def plain_arch_list() -> list[Patch]:
 def apply(device: str) -> list[Patch]:
     """The patches this device needs (the shm op only on CPU, the arch list only on CUDA): the ones applied."""
     if device == "cpu":
-        return skip_shm_op_build() + detach_flat_buffers()
+        _legacy_backend_name()
+        return list(_EARLY) + skip_shm_op_build() + detach_flat_buffers()
     return plain_arch_list() + detach_flat_buffers()
 
 

@@ -9,6 +9,7 @@ Patches (`cpu`): CPU glue only, each listed by `stepdiff list`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from stepdiff.harness import data as D
@@ -28,6 +29,10 @@ NOT_PPO = ("PPO actor/critic (issue item 7) is not driven yet: OpenRLHF's PPO st
            "imports ray, "
            "and it needs the Ray launcher's args tree and a hand-built Experience: not done in this iteration "
            "(loss.kind = policy/value is reported unsupported).",)
+
+
+OPENRLHF_NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
+"""openrlhf.utils.deepspeed.deepspeed_utils.get_optimizer_grouped_parameters' no_decay_name_list (substrings)."""
 
 
 class OpenRLHFAdapter(Adapter):
@@ -100,8 +105,16 @@ class OpenRLHFAdapter(Adapter):
         if zero:
             return zero
         if o.weight_decay > 0:
-            return ("optimizer.weight_decay > 0: OpenRLHF exempts norm weights from decay "
-                    "(get_optimizer_grouped_parameters), the spec's AdamW decays every parameter")
+            from stepdiff.harness.model import parameter_shapes
+
+            names = list(parameter_shapes(spec))
+            theirs = {n for n in names if any(x in n for x in OPENRLHF_NO_DECAY)}
+            ours = {n for n in names if any(re.search(x, n) for x in o.no_decay)}
+            if theirs != ours:
+                return ("optimizer.weight_decay > 0: OpenRLHF exempts " + ", ".join(sorted(theirs)[:3])
+                        + (", ..." if len(theirs) > 3 else "") + " from decay (get_optimizer_grouped_parameters: "
+                        "names containing " + ", ".join(OPENRLHF_NO_DECAY) + "); set optimizer.no_decay = "
+                        "['bias', 'norm.weight'] to match")
         if d.supervise != "response":
             return "data.supervise = 'all': OpenRLHF's SFT supervises the response and EOS only"
         if len({d.pad_id, d.eos_id, d.bos_id}) < 3:

@@ -23,7 +23,7 @@ from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
 
 from ..base import Unsupported, WorkerContext
-from ..readouts import deepspeed_grads, deepspeed_params, wrapped
+from ..readouts import deepspeed_grads, deepspeed_optimizer, deepspeed_params, deepspeed_state, wrapped
 
 
 def _plain(v: Any) -> Any:
@@ -43,6 +43,7 @@ class Recorder:
         self.ds_config: Any = None
         self.optimizer_from_config: bool | None = None
         self.steps: list[dict[str, Any]] = []
+        self.optimizer = ""
         self.logs: list[dict[str, Any]] = []
         self.backward_losses: list[float] = []
         self.forward_rows: list[list[list[int]]] = []
@@ -78,8 +79,13 @@ class Recorder:
         grads = deepspeed_grads(engine)
         result = original(engine, *a, **kw)
         norm = engine.get_global_grad_norm()
+        state, opt_step = deepspeed_state(engine, ("exp_avg", "exp_avg_sq"))  # OpenRLHF builds only Adam(W)
         self.steps.append({"grads": grads, "params": deepspeed_params(engine),
-                           "engine_norm": None if norm is None else float(norm)})
+                           "engine_norm": None if norm is None else float(norm), "state": state,
+                           "opt_step": opt_step})
+        self.optimizer = deepspeed_optimizer(engine, "built by DeepSpeed from OpenRLHF's DeepSpeed config"
+                                             if self.optimizer_from_config else "built by OpenRLHF "
+                                             "(strategy.create_optimizer) and handed to DeepSpeed")
         return result
 
     def _forward(self, original: Any, actor: Any, sequences: Any, *a: Any, **kw: Any) -> Any:

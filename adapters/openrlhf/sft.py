@@ -95,7 +95,7 @@ def cli_request(spec: Spec, k: OpenRLHFKnobs, run_dir: Path, model_dir: Path, da
         "micro_batch": b.micro_batch_size, "batch": spec.samples_per_step, "epochs": 1, "seed": k.seed,
         "zero_stage": k.zero_stage, "adam_offload": k.adam_offload, "overlap_comm": k.overlap_comm,
         "dtype": {"float32": "fp32", "bfloat16": "bf16"}[spec.model.dtype], "attn": spec.model.attn_implementation,
-        "lr": repr(o.lr), "betas": (repr(o.betas[0]), repr(o.betas[1])), "weight_decay": 0.0,
+        "lr": repr(o.lr), "betas": (repr(o.betas[0]), repr(o.betas[1])), "weight_decay": repr(o.weight_decay),
         "scheduler": "constant", "warmup": 0.0, "max_norm": repr(float(o.clip_grad_norm)),
         "output_dir": str(run_dir / "out"), "ckpt_path": str(run_dir / "ckpt"), "eval_split": "train",
     }
@@ -174,8 +174,11 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: OpenRLHFKnobs) -> 
         torch.distributed.all_gather_object(gathered, targets)
         merged = {key: v for part in gathered if part for key, v in part.items()}
         targets = dict(sorted(merged.items(), key=lambda kv: int(kv[0]))) or None
+    hooked = k.readout == "hooks" and len(rec.steps) == b.steps
     steps = [StepRecord(loss=losses[s], grad_norm=norms[s], grads={n: grads_per_step[s][n] for n in names},
-                        params={n: params_per_step[s][n] for n in names}) for s in range(b.steps)]
+                        params={n: params_per_step[s][n] for n in names},
+                        state=rec.steps[s].get("state", {}) if hooked else {},
+                        opt_step=rec.steps[s].get("opt_step") if hooked else None) for s in range(b.steps)]
     extra: dict[str, Any] = {
         "cli_argv": seen.get("argv"), "cli_dialect": seen.get("dialect"),
         "dataset_rows": rows, "loss_source": loss_source,
@@ -190,7 +193,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: OpenRLHFKnobs) -> 
         torch.distributed.barrier()
     return Driven(steps=steps, framework_version=version, code_path=CODE_PATH,
                   readout=READOUTS[0 if k.readout == "hooks" else 1], patches=applied,
-                  extra=extra, timings={"cli_s": fit_s})
+                  extra=extra, timings={"cli_s": fit_s}, optimizer=rec.optimizer,
+                  sources={"state": "framework" if any(st.state for st in steps) else "none"})
 
 
 def _invert_adam(before: Any, after: Any, lr: float, eps: float) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -108,8 +109,18 @@ class TRLAdapter(Adapter):
             return f"trl.trainer = {k.trainer!r} does not train loss.kind = {spec.loss.kind!r}"
         o = spec.optimizer
         if o.weight_decay:
-            return ("optimizer.weight_decay > 0: the Trainer's optimizer exempts biases and norm weights from weight "
-                    "decay, the spec decays every parameter")
+            from stepdiff.harness.model import parameter_shapes
+
+            names = list(parameter_shapes(spec))
+            ours = {n for n in names if any(re.search(x, n) for x in o.no_decay)}
+            if k.deepspeed_zero_stage and k.deepspeed_optimizer == "config":
+                if ours:
+                    return ("optimizer.no_decay: DeepSpeed's own optimizer (trl.deepspeed_optimizer = 'config') decays "
+                            "every parameter transformers hands it; set optimizer.no_decay = [] or "
+                            "trl.deepspeed_optimizer = 'trainer'")
+            elif ours != {n for n in names if any(re.search(x, n) for x in common.TRAINER_NO_DECAY)}:
+                return ("optimizer.weight_decay > 0: the Trainer's optimizer exempts biases and norm weights from "
+                        "weight decay (get_decay_parameter_names); set optimizer.no_decay = ['bias', 'norm'] to match")
         if o.name == "adamw" and o.momentum:
             return "optimizer.momentum applies to SGD only"
         zero = zero_problem("trl.deepspeed_zero_stage", k.deepspeed_zero_stage, "trl.offload_optimizer",

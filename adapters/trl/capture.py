@@ -10,6 +10,9 @@
   adds to tr_loss), averaged over ranks as the Trainer does; both are kept in meta.extra ('logged_loss',
   'accumulated_loss') and a disagreement beyond rounding is a warning;
 - grad norm: the `grad_norm` the Trainer logs; parameters: a TrainerCallback's on_step_end;
+- optimizer state (exp_avg, exp_avg_sq / momentum_buffer, and the step counter): the same callback, from the
+  Trainer's optimizer (its torch optimizer inside accelerate's wrapper) or, under DeepSpeed, gathered by
+  `readouts.deepspeed_state`; the optimizer that ran, and who built it, goes into the record;
 - the micro-batches the trainer fed (`compute_loss`'s inputs), checked against the spec's placement on every rank by
   the trainer module (a reordering is an error, never a silent pass).
 """
@@ -26,7 +29,15 @@ from stepdiff.harness.record import StepRecord
 from stepdiff.harness.spec import Spec
 
 from ..base import Driven, WorkerContext
-from ..readouts import deepspeed_grads, module_grads, module_params, wrapped
+from ..readouts import (
+    deepspeed_grads,
+    deepspeed_optimizer,
+    deepspeed_state,
+    module_grads,
+    module_params,
+    torch_optimizer_state,
+    wrapped,
+)
 
 READOUT_CLIP = "clip_grad_norm_ wrapper"
 READOUT_DEEPSPEED = "DeepSpeedEngine.step wrapper: safe_get_full_grad before the boundary step"
@@ -47,6 +58,10 @@ class Capture:
         self.num_items: list[Any] = []
         self.readout_calls = 0
         self.excluded: list[int] = []
+        self.states: list[tuple[dict[str, Any], int | None]] = []
+        self.trainer: Any = None
+        self.deepspeed = False
+        self.state_keys: tuple[str, ...] = ()
 
     def callbacks(self) -> list[Any]:
         """TrainerCallbacks: close each step's loss, then copy the parameters; keep the Trainer's own logs."""
@@ -61,12 +76,36 @@ class Capture:
         class _Record(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
                 cap.params.append(module_params(model))
+                cap.states.append(cap.optimizer_state(model))
 
             def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
                 if logs:
                     cap.logs.append(dict(logs))
 
         return [_Close(), _Record()]
+
+    def optimizer_state(self, model: Any) -> tuple[dict[str, Any], int | None]:
+        """The optimizer's state after this step (every rank: gathering under DeepSpeed is a collective)."""
+        t = self.trainer
+        if t is None:
+            return {}, None
+        if self.deepspeed:
+            return deepspeed_state(t.model_wrapped, self.state_keys)
+        return torch_optimizer_state(t.optimizer, model)
+
+    def optimizer_name(self) -> str:
+        """The optimizer that stepped and who built it."""
+        t = self.trainer
+        if t is None:
+            return ""
+        if self.deepspeed:
+            built = ("built by DeepSpeed from the config's optimizer block, 'auto' values filled by transformers"
+                     if "optimizer" in (t.args.deepspeed if isinstance(t.args.deepspeed, dict) else {}) else
+                     "created by the Trainer (create_optimizer) and handed to DeepSpeed")
+            return deepspeed_optimizer(t.model_wrapped, built)
+        inner = getattr(t.optimizer, "optimizer", t.optimizer)
+        return (f"{type(inner).__module__}.{type(inner).__name__} (created by the Trainer: create_optimizer from "
+                f"TrainingArguments optim={getattr(t.args, 'optim', '?')})")
 
     def close_step(self) -> None:
         """End of an optimizer step: the summed micro-batch losses, averaged over ranks as the Trainer logs them."""
@@ -86,6 +125,9 @@ class Capture:
         """Instance-level wrappers of this trainer (discarded with it): training_step's return, compute_loss's inputs
         and, unless DeepSpeed runs, accelerator.clip_grad_norm_ (gradients after accumulation, before clipping)."""
         orig_step, orig_loss = trainer.training_step, trainer.compute_loss
+        self.trainer, self.deepspeed = trainer, not grads_from_clip
+        # asked of every rank under DeepSpeed (a collective): only what the optimizer keeps
+        self.state_keys = ("exp_avg", "exp_avg_sq") if "adam" in str(getattr(trainer.args, "optim", "")) else ()
 
         def training_step(*a: Any, **k: Any) -> Any:
             out = orig_step(*a, **k)
@@ -191,8 +233,11 @@ def finish(spec: Spec, cap: Capture, trainer: Any, notes: list[str], patches: li
     extra["loss_source"] = ("Trainer tr_loss accumulation (training_step returns), unrounded" if rounded
                             else "Trainer log 'loss'")
     extra["accumulated_loss"] = cap.step_losses
-    steps = [StepRecord(loss=losses[s], grad_norm=norms[s], grads=cap.grads[s], params=cap.params[s])
-             for s in range(b.steps)]
+    states = cap.states if len(cap.states) == b.steps else [({}, None)] * b.steps
+    steps = [StepRecord(loss=losses[s], grad_norm=norms[s], grads=cap.grads[s], params=cap.params[s],
+                        state=states[s][0], opt_step=states[s][1]) for s in range(b.steps)]
     return Driven(steps=steps, framework_version=trl.__version__, code_path=code_path,
                   readout=READOUT_DEEPSPEED if extra.get("ds_config") else READOUT_CLIP, patches=patches,
-                  warnings=warnings, extra=extra)
+                  warnings=warnings, extra=extra, optimizer=cap.optimizer_name(),
+                  sources={"loss": "framework", "grad_norm": "framework" if any(n is not None for n in norms)
+                           else "none", "state": "framework" if any(st for st, _ in states) else "none"})

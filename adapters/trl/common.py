@@ -131,11 +131,22 @@ def common_args(spec: Spec, ctx: WorkerContext, out_dir: str, trainer_cls: Any, 
     return args
 
 
-def ds_config(spec: Spec, stage: int, offload: str) -> dict[str, Any]:
+TRAINER_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+"""transformers' Trainer.get_decay_parameter_names: names matching these (and nn.LayerNorm weights) get no weight
+decay; older releases exempt biases and ALL_LAYERNORM_LAYERS (LlamaRMSNorm included): the same Llama parameters."""
+
+
+def ds_config(spec: Spec, stage: int, offload: str, optimizer: str = "config") -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": False}
     if offload != "none":
         zero["offload_optimizer"] = {"device": offload, "pin_memory": False}
-    return {
+    extra: dict[str, Any] = {}
+    if optimizer == "config":  # DeepSpeed builds its own; transformers fills the 'auto' values from the arguments
+        o = spec.optimizer
+        extra["optimizer"] = ({"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}} if o.name == "adamw" else
+                              {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto", "momentum": o.momentum}})
+    return {**extra,
         "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",

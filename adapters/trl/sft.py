@@ -63,7 +63,7 @@ def placement(spec: Spec, cap: Capture) -> dict[str, list[int]]:
 def config_request(spec: Spec, ctx: WorkerContext, knobs: TRLKnobs, trainer_cls: Any, new_path: bool) -> dict[str, Any]:
     """SFTConfig's keyword arguments from the spec (`new_path`: the release has completion_only_loss)."""
     stage = knobs.deepspeed_zero_stage
-    dsc = C.ds_config(spec, stage, knobs.offload_optimizer) if stage else None
+    dsc = C.ds_config(spec, stage, knobs.offload_optimizer, knobs.deepspeed_optimizer) if stage else None
     args = C.common_args(spec, ctx, str(ctx.scratch / "sft"), trainer_cls, dsc, knobs.gradient_checkpointing)
     sft: dict[str, Any] = dict(
         packing=False, padding_free=False, max_length=None, max_seq_length=None, completion_only_loss=True,
