@@ -117,3 +117,20 @@ def update_diff(after: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
         excess = d.sign() * (d.abs() - allow).clamp(min=0)
         fw[n], exp[n] = e + excess, e
     return dict_diff(fw, exp)
+
+
+def update_pair_diff(a_after: Mapping[str, torch.Tensor], a_before: Mapping[str, torch.Tensor],
+                     b_after: Mapping[str, torch.Tensor], b_before: Mapping[str, torch.Tensor],
+                     dtype: str) -> DictDiff:
+    """Run b's update against run a's (both stored in `dtype`), forgiving half a unit in the last place of each of
+    the four parameter tensors (what storing parameters can do to an update), like `update_diff`."""
+    fw, ref = {}, {}
+    for n in a_after:
+        if n not in a_before or n not in b_after or n not in b_before or a_after[n].shape != b_after[n].shape:
+            continue
+        ua = a_after[n].double() - a_before[n].double()
+        d = (b_after[n].double() - b_before[n].double()) - ua
+        allow = 0.5 * (ulp(a_after[n], dtype) + ulp(a_before[n], dtype) + ulp(b_after[n], dtype)
+                       + ulp(b_before[n], dtype))
+        fw[n], ref[n] = ua + d.sign() * (d.abs() - allow).clamp(min=0), ua
+    return dict_diff(fw, ref)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import data as D
 from . import strategies as ST
-from .diff import dict_diff, subtract
+from .diff import dict_diff, update_pair_diff
 from .errors import UsageError, WorkerError
 from .tolerance import FLOOR, bound_for
 
@@ -364,7 +364,8 @@ def _equal(variants: Variants, records: Sequence[Record], init: Mapping[str, Any
         before_a, before_b = init, init
         for s, (a, b) in enumerate(zip(base.steps, rec.steps, strict=True)):
             g = dict_diff(b.grads, a.grads)
-            u = dict_diff(subtract(b.params, before_b), subtract(a.params, before_a))
+            # updates beyond what storing the parameters in the run's precision can do (diff.update_pair_diff)
+            u = update_pair_diff(a.params, before_a, b.params, before_b, variants[0][1].model.dtype)
             before_a, before_b = a.params, b.params
             errors[f"{label}: step {s} gradients"] = g.total.rel
             errors[f"{label}: step {s} updates"] = u.total.rel

@@ -52,6 +52,7 @@ def test_multistep_adamw_through_deepspeeds_own_cpu_adam(tmp_path: Path) -> None
     fixed, bug = by_label(result)[FIXED], by_label(result)[BUGGY]
     assert fixed.verdict == "agree", fixed.reason
     assert "DeepSpeedCPUAdam" in fixed.meta["optimizer"] and "config's optimizer block" in fixed.meta["optimizer"]
+    assert fixed.compared["loss"].startswith("not compared")  # the loss the adapter feeds in is no evidence
     assert result.bound.update_bound() <= 1e-3
     for st in fixed.steps:
         assert st.update.total.rel < 1e-5 and st.grad.total.rel < 1e-5

@@ -290,3 +290,18 @@ def test_parameter_groups_name_a_rank_local_boundary_microbatch(tmp_path: Path) 
     assert "[1, 2, 1, 0]" in sig.text and "[1, 0, 1, 2]" in sig.text
     scrambled = {n: grads[n] * (1.0 + 0.3 * i) for i, n in enumerate(names)}  # six different scales: no groups
     assert parameter_groups(spec, scrambled, ref, 0) is None
+
+
+def test_float16_end_to_end_in_the_reference(tmp_path: Path) -> None:
+    """fp16 (static loss scale, float32 master weights): calibrated from the reference's fp16-vs-fp64 error; a clean
+    run agrees, a 2 % gradient error is caught. (DeepSpeed's CPU accelerator has no fp16 here: unsupported.)"""
+    spec = adamw_spec(model__dtype="float16")
+    clean = _in_process(spec, tmp_path, "none")
+    assert clean.verdict == "agree", clean.reason
+    assert clean.bound is not None and "float16-vs-float64" in clean.bound.source and clean.bound.value < 0.02
+    scaled = _in_process(spec, tmp_path, "scale", 1.02)
+    assert scaled.verdict == "diverge" and scaled.signature is not None
+    assert scaled.signature.name == "uniform-scale"
+    from stepdiff.adapters.deepspeed.adapter import DeepSpeedAdapter
+
+    assert "float16" in str(DeepSpeedAdapter.unsupported(spec))

@@ -18,7 +18,7 @@ from pathlib import Path
 from stepdiff._util import version_tuple
 from stepdiff.harness.spec import Spec
 
-from ..base import Adapter, Capabilities, Driven, WorkerContext, knob_names
+from ..base import Adapter, Capabilities, Driven, OpBuild, WorkerContext, knob_names
 from ..common import set_dist_env
 from . import cpu, engine
 from .knobs import DeepSpeedKnobs, zero_problem
@@ -60,6 +60,17 @@ class DeepSpeedAdapter(Adapter):
     @classmethod
     def build_env(cls, version: str | None) -> dict[str, str]:
         return {"DS_BUILD_OPS": "0"}
+
+    @classmethod
+    def ops(cls, version: str | None, spec: Spec | None = None) -> tuple[OpBuild, ...]:
+        """DeepSpeed's own AdamW JIT-compiles on CPU in the first run (DeepSpeedCPUAdam under offload, FusedAdam
+        otherwise): built ahead, once per environment, outside the run's timeout."""
+        if spec is None:
+            return (cpu.FUSED_ADAM_CPU_OP, cpu.CPU_ADAM_OP)
+        k: DeepSpeedKnobs = spec.knobs_for(cls.name)
+        if k.optimizer_source != "config" or spec.optimizer.name != "adamw" or spec.run.device != "cpu":
+            return ()
+        return (cpu.CPU_ADAM_OP,) if k.offload_optimizer != "none" else (cpu.FUSED_ADAM_CPU_OP,)
 
     @classmethod
     def unsupported_knobs(cls, spec: Spec, version: str | None) -> str | None:

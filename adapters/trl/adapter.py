@@ -19,7 +19,7 @@ from types import ModuleType
 from stepdiff._util import version_tuple
 from stepdiff.harness.spec import Spec
 
-from ..base import Adapter, Capabilities, Driven, WorkerContext, knob_names
+from ..base import Adapter, Capabilities, Driven, OpBuild, WorkerContext, knob_names
 from ..common import set_dist_env
 from ..deepspeed import cpu as deepspeed_cpu
 from ..deepspeed.knobs import zero_problem
@@ -101,6 +101,18 @@ class TRLAdapter(Adapter):
     def trainer_module(cls, spec: Spec) -> ModuleType:
         """The code path module of the spec's trainer (stepdiff.adapters.trl.sft / dpo / grpo)."""
         return importlib.import_module(f"{__package__}.{cls.trainer_kind(spec)}")
+
+    @classmethod
+    def ops(cls, version: str | None, spec: Spec | None = None) -> tuple[OpBuild, ...]:
+        """Under DeepSpeed with its own optimizer (deepspeed_optimizer = 'config'), AdamW JIT-compiles on CPU:
+        DeepSpeedCPUAdam under offload, FusedAdam otherwise; built ahead, outside the run's timeout."""
+        if spec is None:
+            return ()
+        k: TRLKnobs = spec.knobs_for(cls.name)
+        if (not k.deepspeed_zero_stage or k.deepspeed_optimizer != "config" or spec.optimizer.name != "adamw"
+                or spec.run.device != "cpu"):
+            return ()
+        return ((deepspeed_cpu.CPU_ADAM_OP,) if k.offload_optimizer != "none" else (deepspeed_cpu.FUSED_ADAM_CPU_OP,))
 
     @classmethod
     def unsupported_knobs(cls, spec: Spec, version: str | None) -> str | None:
