@@ -92,6 +92,12 @@ def sweep_stale_run_dirs(prefix: str = RUN_DIR_PREFIX) -> list[Path]:
         if not procs.is_alive(int(owner.get("pid", 0)), owner.get("start")):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
+    for link in root.glob("sd-*"):  # short TMPDIR links (_short_tmp) whose worker folder is gone
+        try:
+            if link.is_symlink() and not link.exists() and link.lstat().st_uid == os.getuid():
+                link.unlink()
+        except OSError:
+            pass
     return removed
 
 
