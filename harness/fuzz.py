@@ -289,14 +289,17 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
                 if (res.meta or {}).get("reference_failed"):  # e.g. a chaotic trajectory: fp32 and fp64 disagree
                     _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unjudged", res.reason))
                     reject()
+                if res.verdict == "unsupported":  # the installed release refused a knob inside its worker
+                    _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unsupported", res.reason))
+                    reject()
                 detail = res
                 ex = Example(len(c.examples), state["phase"], _jsonable(cfg), res.verdict, res.reason,
                              res.max_rel_grad_error, res.signature.name if res.signature else None,
                              list(res.fit.weights) if res.fit else None, ST.describe_samples(spec))
             else:
                 out = P.check(the_prop, session, variants)
-                if out.verdict == "unjudged":
-                    _record(Example(len(c.examples), state["phase"], _jsonable(cfg), "unjudged", out.reason))
+                if out.verdict in ("unjudged", "unsupported"):
+                    _record(Example(len(c.examples), state["phase"], _jsonable(cfg), out.verdict, out.reason))
                     reject()
                 detail = out
                 ex = Example(len(c.examples), state["phase"], _jsonable(cfg), out.verdict, out.reason, out.max_error,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import data as D
 from . import strategies as ST
 from .diff import dict_diff, update_pair_diff
-from .errors import UsageError, WorkerError
+from .errors import UnsupportedError, UsageError, WorkerError
 from .tolerance import FLOOR, bound_for
 
 if TYPE_CHECKING:
@@ -328,6 +328,8 @@ def check(prop: Property, session: Session, variants: Variants) -> Outcome:
             rec = session.framework(spec, write_init_weights(spec, cache_root() / "init"))
             _finite(spec, rec, label)
             records.append(rec)
+    except UnsupportedError as e:  # the installed release refused a knob inside its worker
+        return Outcome("unsupported", e.message, variants=variants)
     except WorkerError as e:
         return Outcome("error", e.message, variants=variants, bound=bound.value)
     init = session.init_tensors(first)
