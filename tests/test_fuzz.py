@@ -58,13 +58,13 @@ def test_done_when_deepspeed_default_strategy(tmp_path: Path) -> None:
     assert saved.batch.grad_accum == 3 and saved.knobs_for("deepspeed").offload_optimizer == "cpu"
     assert found.reproduced is not None and found.reproduced.startswith("diverge (dropped-microbatches")
     clean = campaign(OFFLOAD, "deepspeed==0.19.8", tmp_path)
-    assert clean.failing is None and clean.runs == 20, clean.counts()
+    assert clean.failing is None and clean.runs >= 15, clean.counts()  # 20 draws, a few duplicates or unsupported
 
 
 @pytest.mark.slow
 def test_done_when_openrlhf_mean_of_means(tmp_path: Path) -> None:
     base = "openrlhf-sft-mean-of-means"
-    kw: dict[str, Any] = {"examples": 10, "fix": {"openrlhf.adam_impl": "torch"}}
+    kw: dict[str, Any] = {}  # the default strategy at the ci profile's budget
     found = campaign(base, "openrlhf==0.10.2", tmp_path, **kw)
     assert found.failing is not None and found.result is not None
     saved = S.load(found.saved_case)
@@ -75,7 +75,7 @@ def test_done_when_openrlhf_mean_of_means(tmp_path: Path) -> None:
     assert len(counts) == 2 and counts[0] != counts[1]  # two micro-batches of unequal supervised-token counts
     assert found.result.signature.name == "microbatch-token-mean"
     clean = campaign(base, "openrlhf==0.11.2", tmp_path, **kw)
-    assert clean.failing is None and clean.runs == 10, clean.counts()
+    assert clean.failing is None and clean.runs >= 15, clean.counts()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,8 +97,6 @@ PROPERTY_CONTROLS = [
 def test_property_real_release_negative_control(tmp_path: Path, prop: str, case: str, bad: str, good: str,
                                                 vary: list[str]) -> None:
     kw: dict[str, Any] = {"prop": prop, "vary": vary, "examples": 4, "limits": ST.Limits(max_steps=1)}
-    if case.startswith("openrlhf"):
-        kw["fix"] = {"openrlhf.adam_impl": "torch"}
     caught = campaign(case, bad, tmp_path, **kw)
     assert caught.failing is not None and caught.failing.verdict == "violated", caught.counts()
     assert caught.reproduced is not None and caught.reproduced.startswith("diverge")
