@@ -401,7 +401,7 @@ def changed(space: Space, cfg: Mapping[str, Any]) -> dict[str, Any]:
     for dim, value in cfg.items():
         if dim.startswith("_"):
             continue
-        if dim == "data.samples" or value != base_value(space.base, dim, space.adapter):
+        if dim == "data.samples" or to_dict(value) != to_dict(base_value(space.base, dim, space.adapter)):
             out[dim] = value
     return out
 
