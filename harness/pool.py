@@ -35,15 +35,13 @@ class WorkerKey:
     env: tuple[tuple[str, str], ...] = ()
     role: str = "framework"
 
-    @property
-    def dirname(self) -> str:
-        base = Path(self.python).parent.parent.name or "host"
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{self.adapter}-{base}")
-        return f"{safe}-ws{self.world_size}-{self.device}"
 
 
 @dataclass
 class _Slot:
+    number: int
+    """The slot's place in the pool: worker folders are `<adapter>-<number>[-<generation>]`, short on purpose
+    (a worker's TMPDIR lives inside its folder, and AF_UNIX socket paths there must stay under 108 bytes)."""
     worker: Worker | None = None
     generation: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,7 +70,10 @@ class WorkerPool:
         with self._lock:
             if self.closed:
                 raise RuntimeError("the worker pool is closed")
-            return self._slots.setdefault(key, _Slot())
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(len(self._slots) + 1)
+            return slot
 
     def _live_worker(self, key: WorkerKey, slot: _Slot) -> Worker:
         w = slot.worker
@@ -82,7 +83,8 @@ class WorkerPool:
         if w is None:
             slot.generation += 1
             slot.requests = 0
-            wdir = self.root / f"{key.dirname}-{slot.generation}"
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key.adapter)
+            wdir = self.root / (f"{safe}-{slot.number}" + (f"-{slot.generation}" if slot.generation > 1 else ""))
             w = Worker(key.adapter, key.python, key.world_size, key.device, env=dict(key.env), workdir=wdir,
                        role=key.role)
             slot.worker = w

@@ -22,15 +22,22 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def stepdiff_pool(tmp_path_factory: Any) -> Iterator[Any]:
-    """The session's worker pool (stepdiff.harness.pool.WorkerPool), closed when the session ends."""
+def stepdiff_pool() -> Iterator[Any]:
+    """The session's worker pool (stepdiff.harness.pool.WorkerPool), closed when the session ends. Its folder is a
+    short temporary one (not under pytest's deep tmp_path): frameworks put sockets in their worker's TMPDIR."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from stepdiff.harness.pool import WorkerPool
 
-    pool = WorkerPool(tmp_path_factory.mktemp("stepdiff-workers"))
+    root = Path(tempfile.mkdtemp(prefix="stepdiff-pool-"))
+    pool = WorkerPool(root)
     try:
         yield pool
     finally:
         pool.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

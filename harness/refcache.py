@@ -229,6 +229,9 @@ class ReferenceCache:
             return []
         entries = []
         for d in self.root.glob("*/*"):
+            if d.is_dir() and d.name.startswith(".") and time.time() - d.stat().st_mtime > 3600:
+                shutil.rmtree(d, ignore_errors=True)  # a write that was interrupted an hour ago or more
+                continue
             if d.is_dir() and not d.name.startswith("."):
                 size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
                 entries.append((d.stat().st_mtime, size, d))

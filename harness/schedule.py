@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,23 +41,26 @@ from .tolerance import Bound, CalibrationError, bound_for, bound_from_dict, boun
 
 
 class Cores:
-    """A weighted, first-come-first-served semaphore over `capacity` cores (a world-size-2 worker takes two)."""
+    """A weighted semaphore over `capacity` cores (a world-size-2 worker takes two). Waiters are served by priority,
+    then first come first served: the reference (it gates every comparison) before framework runs."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self.free = self.capacity
         self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._waiting: list[tuple[int, int]] = []
+        self._seq = 0
 
     @contextmanager
-    def hold(self, weight: int) -> Iterator[None]:
+    def hold(self, weight: int, priority: int = 1) -> Iterator[None]:
         weight = max(1, min(weight, self.capacity))
-        ticket = object()
         with self._cond:
-            self._queue.append(ticket)
-            while self._queue[0] is not ticket or self.free < weight:
+            self._seq += 1
+            me = (priority, self._seq)
+            self._waiting.append(me)
+            while min(self._waiting) != me or self.free < weight:
                 self._cond.wait()
-            self._queue.popleft()
+            self._waiting.remove(me)
             self.free -= weight
             self._cond.notify_all()
         try:
@@ -67,6 +69,9 @@ class Cores:
             with self._cond:
                 self.free += weight
                 self._cond.notify_all()
+
+
+REFERENCE_FIRST, FRAMEWORK = 0, 1
 
 
 @dataclass
@@ -88,6 +93,8 @@ class _Case:
     wd: Path
     unsupported: dict[Any, str | None]
     init: Path | None = None
+    init_ready: threading.Event = field(default_factory=threading.Event)
+    """Set once the main thread has written the case's initial weights (`init`)."""
     cached: Entry | None = None
     """The case's verified reference-cache entry (looked up once, before any worker starts)."""
     ref: Future[_Ref] | None = None
@@ -106,6 +113,7 @@ class Scheduler:
         self.log = log
         """Extra one-line records (the progress display, stepdiff.harness.progress, reports every run anyway)."""
         self._lanes: dict[WorkerKey, ThreadPoolExecutor] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refcache")
         self._lanes_lock = threading.Lock()
         self._log_lock = threading.Lock()
         self.multi = False
@@ -156,6 +164,7 @@ class Scheduler:
     def close(self, cancel: bool = False) -> None:
         for ex in list(self._lanes.values()):
             ex.shutdown(wait=True, cancel_futures=cancel)
+        self._writer.shutdown(wait=True, cancel_futures=cancel)  # before the run directory is removed
 
     # -- the reference ---------------------------------------------------------------------------------------
 
@@ -191,14 +200,17 @@ class Scheduler:
             return self.pool.submit(key, request, timeout_s, field)
 
         try:
-            with self.cores.hold(1):
+            with self.cores.hold(1, REFERENCE_FIRST):
+                self._start(key, float(spec.run.reference_timeout_s), case)
                 rec, bound, versions = run_reference(spec, case.init or Path(), case.wd, submit=submit)
             self.trace(f"reference {spec.case.name}: done")
         except WorkerError as e:
             return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=e.message, log_tail=e.log_tail)
         except CalibrationError as e:
             return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=str(e))
-        self.cache.put(reference_material(spec), case.wd / "reference" / "record", bound_to_dict(bound))
+        # stored in the background: hashing and copying a large record must not delay the comparisons
+        self._writer.submit(self.cache.put, reference_material(spec), case.wd / "reference" / "record",
+                            bound_to_dict(bound))
         return _Ref(rec, bound, versions, dir=case.wd / "reference" / "record")
 
     def token_reference(self, spec: Spec, init: Path, step: int, out: Path,
@@ -217,7 +229,7 @@ class Scheduler:
                 pass
         timeout, field_name = _reference_timeout(spec)
         try:
-            with self.cores.hold(1):
+            with self.cores.hold(1, REFERENCE_FIRST):
                 self.pool.submit(self.reference_key(spec.run.device),
                                  {"spec": to_dict(spec), "init": str(init), "out": str(out), "options": options},
                                  timeout, *field_name)
@@ -268,8 +280,9 @@ class Scheduler:
         failure: WorkerError | None = None
         t_run = t0
         try:
-            with self.cores.hold(spec.batch.world_size):
+            with self.cores.hold(spec.batch.world_size, FRAMEWORK):
                 t_run = time.perf_counter()
+                self._start(key, spec.run.timeout_s, case)
                 self.trace(f"{pin.label} {spec.case.name}: request")
                 self.pool.submit(key, {"spec": to_dict(spec), "init": str(case.init), "out": str(wdir / "record")},
                                  spec.run.timeout_s)
@@ -334,35 +347,23 @@ class Scheduler:
             wd = workdir / component(spec.case.name if n == 1 else f"{spec.case.name}-{n}")
             prepared.append(_Case(i, spec, pins, wd, unsupported))
 
-        # start the workers now (in lane order: the reference first, it gates every comparison), while the harness
-        # writes the initial weights and loads torch
+        # every job is queued now: each starts its worker as soon as it gets a core, while the harness writes the
+        # initial weights (and loads torch); a job holds its core from its worker's start to its record
         need_ref = [c for c in prepared if any(v is None for v in c.unsupported.values())]
-        warm: list[tuple[WorkerKey, float]] = []
         for c in need_ref:
             c.cached = self.cache.get(reference_material(c.spec))
-            if c.cached is None:
-                warm.append((self.reference_key(c.spec.run.device), _reference_timeout(c.spec)[0]))
-        for c in need_ref:
-            for p in c.pins:
-                if c.unsupported[p] is None:
-                    warm.append((self.framework_key(p, environments[p], c.spec), c.spec.run.timeout_s))
-        seen: set[WorkerKey] = set()
-        for key, timeout in warm:
-            if key not in seen:
-                seen.add(key)
-                self.lane(key).submit(self._warm, key, timeout)
-
-        self.trace("workers starting")
-        for c in need_ref:
-            c.init = write_init_weights(c.spec, envs.cache_root() / "init")
-            self.trace(f"init weights of {c.spec.case.name}")
             c.wd.mkdir(parents=True, exist_ok=True)
-            ref_lane = self.lane(self.reference_key(c.spec.run.device))
-            c.ref = ref_lane.submit(self._reference, c)
+            c.ref = self.lane(self.reference_key(c.spec.run.device)).submit(self._reference, c)
             for p in c.pins:
                 if c.unsupported[p] is None:
                     env = environments[p]
                     c.runs.append(self.lane(self.framework_key(p, env, c.spec)).submit(self._framework, c, p, env))
+        for c in need_ref:
+            try:
+                c.init = write_init_weights(c.spec, envs.cache_root() / "init")
+            finally:
+                c.init_ready.set()  # (a failure here fails the command; waiting jobs then see no init and stop)
+            self.trace(f"init weights of {c.spec.case.name}")
         results = []
         t_prev = t_start
         for c in prepared:
@@ -398,14 +399,16 @@ class Scheduler:
                 on_result(result)
         return results
 
-    def _warm(self, key: WorkerKey, timeout: float) -> None:
-        try:
-            with self.cores.hold(key.world_size):
-                self.trace(f"{key.adapter} worker starting")
-                waited = self.pool.warm(key, timeout)
-                self.trace(f"{key.adapter} worker ready ({waited:.1f} s)")
-        except WorkerError:
-            pass  # the first request on this key reports it, with the case that needed it
+    def _start(self, key: WorkerKey, timeout: float, case: _Case) -> None:
+        """Inside a job's core: start the key's worker if it is not running (imports, distributed init), then wait
+        for the case's initial weights."""
+        if self.pool.fresh(key):
+            self.trace(f"{key.adapter} worker starting")
+            waited = self.pool.warm(key, timeout)  # WorkerError: it died starting (the job's error; replaced later)
+            self.trace(f"{key.adapter} worker ready ({waited:.1f} s)")
+        case.init_ready.wait()
+        if case.init is None:
+            raise RuntimeError("the initial weights were not written")
 
     def _token_fits(self, spec: Spec, runs: list[RunResult], init: Path, wd: Path) -> None:
         """For SFT runs that diverge, fit the first diverging step's gradient on per-token contributions (see

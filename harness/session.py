@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ class Session:
         self.cache = cache if cache is not None else ReferenceCache()
         """Reference results of specs seen before (Hypothesis replays and shrinks revisit specs)."""
         self.count = 0
+        self._count_lock = threading.Lock()
 
     def unsupported(self, spec: Spec) -> str | None:
         reason: str | None = get_adapter(self.pin.name).unsupported(spec, self.pin.version)
@@ -59,8 +62,9 @@ class Session:
                          "reference" if name == "reference" else "framework")
 
     def _next_dir(self, what: str) -> Path:
-        self.count += 1
-        return self.dir / f"{what}-{self.count}"
+        with self._count_lock:  # the reference and the framework run from two threads
+            self.count += 1
+            return self.dir / f"{what}-{self.count}"
 
     def reference(self, spec: Spec, init: Path) -> tuple[Record, Bound]:
         """The reference record and the calibrated bound (as `stepdiff run`: float64 self-error x safety), from the
@@ -110,17 +114,28 @@ class Session:
         if reason:
             return RunResult(self.pin.name, self.pin.version, "unsupported", reason, extra_pins=self.pin.extra)
         init = write_init_weights(spec, envs.cache_root() / "init")
-        try:
-            ref, bound = self.reference(spec, init)
-        except (WorkerError, CalibrationError) as e:
-            message = e.message if isinstance(e, WorkerError) else str(e)
-            failed = RunResult(self.pin.name, self.pin.version, "error", f"reference failed: {message}",
-                               extra_pins=self.pin.extra)
-            failed.meta = {"reference_failed": True}  # the tester could not judge this spec: not the framework's fault
-            return failed
         fw_dir = self._next_dir("fw")
+        # the reference and the framework run at the same time (two workers, two cores)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-reference") as ex:
+            ref_future = ex.submit(self.reference, spec, init)
+            try:
+                rec: Record | None = self.framework(spec, init, keep=fw_dir)
+                failure: WorkerError | None = None
+            except WorkerError as e:
+                rec, failure = None, e
+            try:
+                ref, bound = ref_future.result()
+            except (WorkerError, CalibrationError) as e:
+                shutil.rmtree(fw_dir, ignore_errors=True)
+                message = e.message if isinstance(e, WorkerError) else str(e)
+                failed = RunResult(self.pin.name, self.pin.version, "error", f"reference failed: {message}",
+                                   extra_pins=self.pin.extra)
+                failed.meta = {"reference_failed": True}  # the tester could not judge this spec: not the framework's
+                return failed
         try:
-            rec = self.framework(spec, init, keep=fw_dir)
+            if failure is not None:
+                raise failure
+            assert rec is not None
             tref = self.teacher(spec, init, fw_dir)
             result = compare(spec, rec, ref, load_file(str(init)), bound, self.pin.name, self.pin.version, tref)
             result.meta = asdict(rec.meta)
