@@ -8,6 +8,7 @@ the worker bootstrap finds the packages wherever they were installed.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -71,8 +72,13 @@ def smoke_run(python: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 def test_install_modes(tmp_path: Path, mode: str) -> None:
     py = make_venv(tmp_path / "venv")
     if mode == "wheel":
+        # from a copy without build outputs: setuptools reuses a checkout's build/ folder, so files a developer's
+        # earlier build left there (a module since moved) would land in the wheel and mask a packaging mistake
+        src = tmp_path / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", ".git", "__pycache__",
+                                                               ".stepdiff", ".mypy_cache", ".ruff_cache"))
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                        str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+                        str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
         wheel = next((tmp_path / "dist").glob("stepdiff-*.whl"))
         subprocess.run([uv_binary(), "pip", "install", "--quiet", "--no-deps", "--python", str(py), str(wheel)],
                        check=True)
