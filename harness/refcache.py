@@ -3,10 +3,11 @@
 The reference is a pure function of the spec's fields it reads (model, data, batch, optimizer, loss, rl, device),
 the initial weights (a function of the model fields), the host's torch and transformers, and stepdiff's own code
 that computes it. The cache key hashes exactly those: the spec without `case` (name, description, frameworks),
-`run.timeout_s` and the per-framework knob tables (the reference never reads them); the request options (float64,
-token step); the host's torch, transformers and safetensors versions; stepdiff's version and a digest of the source
-files of the modules that compute the reference (so editing the reference in a development checkout invalidates
-the cache even though the version string did not move).
+`run.timeout_s`, `run.reference_timeout_s` and the per-framework knob tables (the reference never reads them); the
+request options (float64, token step); the host's torch, transformers and safetensors versions; stepdiff's version
+and a digest of the source files of the modules that compute the reference and of every stepdiff module they import,
+lazily or not (so editing the reference, or a helper it reaches such as the contribution sketches, in a development
+checkout invalidates the cache even though the version string did not move).
 
 An entry is a directory `<cache>/reference/<key[:2]>/<key>/` holding the record as `Record.save` writes it plus
 `manifest.json` (the key material, each file's size and SHA-256, and small values such as the self-error). Entries
@@ -18,10 +19,12 @@ moves it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,8 +48,9 @@ SOURCE_MODULES = ("stepdiff.adapters.reference", "stepdiff.adapters.base", "step
                   "stepdiff.harness.data", "stepdiff.harness.model", "stepdiff.harness.record", "stepdiff.harness.spec",
                   "stepdiff.harness.tolerance", "stepdiff.harness.calibration", "stepdiff.harness.optim",
                   "stepdiff.harness.compare", "stepdiff.harness.diff", "stepdiff.harness.signatures")
-"""Also the modules that turn the reference's records into the cached bounds (calibration, tolerance, optim)."""
-IGNORED_RUN_FIELDS = ("timeout_s",)
+"""Also the modules that turn the reference's records into the cached bounds (calibration, tolerance, optim). The
+digest covers these and every stepdiff module they import, followed transitively (`source_modules`)."""
+IGNORED_RUN_FIELDS = ("timeout_s", "reference_timeout_s")
 
 
 def enabled_by_default() -> bool:
@@ -72,16 +76,83 @@ def _source_files(module: str) -> list[Path]:
     return [origin]
 
 
+@functools.cache
+def _find(name: str) -> importlib.machinery.ModuleSpec | None:
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # `name` is an attribute of a module, not a module
+        return None
+
+
+def _is_module(name: str) -> bool:
+    parent, _, last = name.rpartition(".")
+    spec = _find(parent)
+    if spec is None or not spec.submodule_search_locations:
+        return False  # a name inside a module, not a module
+    return any((Path(loc) / f"{last}.py").exists() or (Path(loc) / last / "__init__.py").exists()
+               for loc in spec.submodule_search_locations)
+
+
+_IMPORT = re.compile(r"^[ \t]*(?:import[ \t]+(stepdiff[\w.]*)|from[ \t]+(\.+[\w.]*|stepdiff[\w.]*)[ \t]+import[ \t]+"
+                     r"(\([^)]*\)|[^\n]*))", re.M)
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The stepdiff modules a source file imports, anywhere in it (a function's lazy import counts too). A text
+    scan, not a parse (a parse of every file costs a noticeable part of a second per command): an import-looking
+    line inside a string only adds a module to the digest."""
+    found: set[str] = set()
+    for m in _IMPORT.finditer(path.read_text(errors="replace")):
+        if m.group(1):
+            found.add(m.group(1))
+            continue
+        base = m.group(2)
+        if base.startswith("."):
+            level = len(base) - len(base.lstrip("."))
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - level + 1] + ([base[level:]] if base[level:] else []))
+        names = [n.split("#")[0].strip().split(" as ")[0].strip() for n in m.group(3).strip("()").split(",")]
+        subs = [f"{base}.{n}" for n in names if n.isidentifier() and _is_module(f"{base}.{n}")]
+        if base.split(".")[0] == "stepdiff":
+            found.update(subs if subs and len(subs) == len([n for n in names if n]) else [base, *subs])
+    return {f for f in found if _find(f) is not None}
+
+
+def _package_of(module: str, path: Path) -> str:
+    """The package relative imports in `path` (a source file of `module`) resolve against."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return module.rpartition(".")[0]
+    for loc in spec.submodule_search_locations:  # a package hashed whole: the file's own sub-package
+        if path.is_relative_to(loc):
+            return ".".join([module, *path.relative_to(loc).parts[:-1]])
+    return module
+
+
+def source_modules() -> dict[str, list[Path]]:
+    """SOURCE_MODULES and every stepdiff module they import, transitively: module -> its source files."""
+    todo, files = list(SOURCE_MODULES), {}
+    while todo:
+        module = todo.pop()
+        if module in files:
+            continue
+        files[module] = _source_files(module)
+        for path in files[module]:
+            todo.extend(_imports(path, _package_of(module, path)))
+    return files
+
+
 _SOURCE_DIGEST: str | None = None
 
 
 def source_digest() -> str:
-    """SHA-256 over the source of the modules that compute the reference (computed once per process)."""
+    """SHA-256 over the source of the modules that compute the reference and everything of stepdiff they import
+    (computed once per process)."""
     global _SOURCE_DIGEST
     if _SOURCE_DIGEST is None:
         h = hashlib.sha256()
-        for module in SOURCE_MODULES:
-            for path in _source_files(module):
+        for module, paths in sorted(source_modules().items()):
+            for path in paths:
                 h.update(module.encode() + b"\0" + path.name.encode() + b"\0")
                 h.update(path.read_bytes())
         _SOURCE_DIGEST = h.hexdigest()[:16]

@@ -34,7 +34,7 @@ def test_cache_key_covers_what_the_reference_reads_and_nothing_else() -> None:
     key = key_of(key_material(base))
     # what the reference never reads: the case's names and pins, the timeout, framework knobs
     same = base.replace(case__name="b", case__description="x", case__frameworks=("deepspeed==0.19.8",),
-                        run__timeout_s=5, faults={"mode": "crash"})
+                        run__timeout_s=5, run__reference_timeout_s=7, faults={"mode": "crash"})
     assert key_of(key_material(same)) == key
     # what it reads: any model/data/batch/optimizer/loss field, and the request options
     for changed in (base.replace(model__seed=1), base.replace(data__seed=7), base.replace(batch__grad_accum=2),
@@ -43,6 +43,25 @@ def test_cache_key_covers_what_the_reference_reads_and_nothing_else() -> None:
     assert key_of(key_material(base, {"token_step": 0})) != key
     material = key_material(base)
     assert set(material["host"]) >= {"torch", "transformers"} and material["stepdiff"] and material["source"]
+
+
+def test_cache_source_digest_follows_the_reference_s_imports(tmp_path: Path) -> None:
+    from stepdiff.harness.refcache import SOURCE_MODULES, _imports, source_modules
+
+    # lazy (inside a function), relative, parenthesised and module-as-name imports are all followed
+    src = tmp_path / "m.py"
+    src.write_text("import os\nfrom stepdiff.harness.spec import (Spec,\n    to_dict)\n\n\ndef f():\n"
+                   "    from .sketch import sketch_one\n    from . import data as D, model\n"
+                   "    from ..adapters.base import Adapter\n")
+    assert _imports(src, "stepdiff.harness") == {"stepdiff.harness.spec", "stepdiff.harness.sketch",
+                                                 "stepdiff.harness.data", "stepdiff.harness.model",
+                                                 "stepdiff.adapters.base"}
+    mods = source_modules()
+    assert set(SOURCE_MODULES) <= set(mods)
+    # reached only through imports: adapters/reference.py sketches contributions with harness/sketch.py (a lazy
+    # import), compare.py isolates optimizers with optsig.py; editing them must invalidate cached records
+    assert {"stepdiff.harness.sketch", "stepdiff.harness.optsig"} <= set(mods)
+    assert all(files and all(f.exists() for f in files) for files in mods.values())
 
 
 def _record_dir(tmp_path: Path) -> Path:
