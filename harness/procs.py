@@ -110,6 +110,17 @@ def harness_identity() -> dict[str, str]:
     return {HARNESS_PID: str(os.getpid()), HARNESS_START: start_time(os.getpid()) or ""}
 
 
+def drop_dangling_tmp_link(tmp: str | None = None) -> None:
+    """Remove this worker's short TMPDIR symlink (workers._short_tmp, `sd-*` in the system temp folder) once its
+    target is gone: a killed stepdiff cannot remove it, and its worker's watchdog has just removed the target."""
+    tmp = os.environ.get("TMPDIR", "") if tmp is None else tmp
+    try:
+        if os.path.basename(tmp).startswith("sd-") and os.path.islink(tmp) and not os.path.exists(tmp):
+            os.unlink(tmp)
+    except OSError:
+        pass
+
+
 def watch_harness(poll_s: float = 0.5, cleanup: Iterable[str] = ()) -> threading.Thread | None:
     """In a worker: a daemon thread that kills this process (and its descendants) when the harness that started it
     is gone (SIGKILL, a crash) or when this process's parent changes (torchrun died). Removes `cleanup` directories
@@ -129,6 +140,7 @@ def watch_harness(poll_s: float = 0.5, cleanup: Iterable[str] = ()) -> threading
             print(f"stepdiff worker {os.getpid()}: the stepdiff process {harness} is gone; stopping", flush=True)
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
+            drop_dangling_tmp_link()
             doomed = descendants(os.getpid())
             if parent not in (harness, 1) and os.getppid() == parent:
                 doomed.append(parent)  # our launcher (torchrun): it has no watchdog of its own

@@ -76,7 +76,7 @@ def test_signal_stops_every_worker_removes_temp_and_exits_promptly(tmp_path: Pat
                            "stopped"), err
     assert "Traceback" not in err
     assert gone(tree, 5) == [], "workers survived the signal"
-    left = [p.name for p in tmp.iterdir() if p.name.startswith(("stepdiff-", "torchelastic_"))]
+    left = [p.name for p in tmp.iterdir() if p.name.startswith(("stepdiff-", "torchelastic_", "sd-"))]
     assert left == [], f"temporary directories left behind: {left}"
 
 
@@ -95,5 +95,23 @@ def test_sigkill_of_stepdiff_workers_stop_themselves_and_clean_up(tmp_path: Path
     deadline = time.monotonic() + 10
     while list(tmp.glob("stepdiff-run-*")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = [p.name for p in tmp.iterdir() if p.name.startswith(("stepdiff-", "torchelastic_"))]
+    while [p for p in tmp.iterdir() if p.name.startswith("sd-")] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # sd-*: the short TMPDIR symlinks of the workers (their watchdogs remove them with the run dir)
+    left = [p.name for p in tmp.iterdir() if p.name.startswith(("stepdiff-", "torchelastic_", "sd-"))]
     assert left == [], f"a killed stepdiff left temporary directories behind: {left}"
+
+
+def test_a_watchdog_removes_only_its_own_dangling_short_tmp_link(tmp_path: Path) -> None:
+    target = tmp_path / "worker" / "tmp"
+    target.mkdir(parents=True)
+    link, other = tmp_path / "sd-0123456789", tmp_path / "not-ours"
+    link.symlink_to(target, target_is_directory=True)
+    other.symlink_to(tmp_path / "gone")
+    procs.drop_dangling_tmp_link(str(link))
+    assert link.is_symlink()  # its worker folder is still there: kept
+    procs.drop_dangling_tmp_link(str(other))
+    assert other.is_symlink()  # not a short TMPDIR link of stepdiff: never touched
+    target.rmdir()
+    procs.drop_dangling_tmp_link(str(link))
+    assert not link.is_symlink()
