@@ -33,7 +33,14 @@ def write_model_dir(spec: Spec, init_path: Path, out: Path) -> None:
     model.config.eos_token_id = spec.data.eos_id
     model.config.bos_token_id = spec.data.bos_id
     model.config.pad_token_id = spec.data.pad_id
+    if hasattr(model, "should_save_on_this_rank"):
+        # transformers >= 5.1x writes a checkpoint only on rank 0 once a process group exists; this directory is
+        # this rank's own copy, and a pooled world-size-2 worker's second run has a process group: rank 1 got a
+        # directory with no config or weights (OpenRLHF 0.11.2: "Unrecognized model ... model_type").
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(str(out), safe_serialization=True)
+    if not (out / "config.json").is_file():
+        raise RuntimeError(f"the model directory {out} was not written (no config.json after save_pretrained)")
     names = token_names(spec)
     tok = Tokenizer(WordLevel({n: i for i, n in enumerate(names)}, unk_token="<bos>"))
     tok.pre_tokenizer = WhitespaceSplit()
