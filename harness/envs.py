@@ -6,11 +6,13 @@ find-links (where the host's torch wheel lives) are passed through explicitly. T
 `env.json`, which is also the marker of a finished build: a directory without it is a broken build and is rebuilt.
 
 Before a cached environment is used it is verified against `manifest.json`, written at the end of its build: every
-installed distribution with its version and every file it installed with its size (bytecode caches aside), plus the
-pins the request asked for. A missing or truncated file, a changed version, an unreadable env.json or a missing
-interpreter make the environment broken: it is rebuilt with a one-line notice, never run (a corrupt cache must not
-read as a framework failure). Every cached artefact is written atomically (a temporary name unique to the writer,
-then os.replace), and a build that is interrupted leaves no env.json, so it is never mistaken for a finished one.
+installed distribution with its version and every file it installed with its size and modification time (bytecode
+caches aside), plus the pins the request asked for. A missing, truncated or rewritten file (an edit of the same size
+changes the modification time: no hashing of gigabytes before every run), a changed version, an unreadable env.json
+or a missing interpreter make the environment broken: it is rebuilt with a one-line notice, never run (a corrupt
+cache must not read as a framework failure). Every cached artefact is written atomically (a temporary name unique to
+the writer, then os.replace), and a build that is interrupted leaves no env.json, so it is never mistaken for a
+finished one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from .errors import EnvironmentBuildError, UsageError
 from .registry import get_adapter
 
 ENV_FORMAT = 2
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+"""2 adds each distribution's `mtimes` (file -> st_mtime_ns) beside `files` (file -> size), which stays as in 1 so
+that older stepdiff processes sharing the cache still read it; a format-1 manifest is upgraded once verified."""
 _VERIFIED: dict[Path, float] = {}
 """Environments verified by this process (env.json mtime): verification runs once per process and environment."""
 
@@ -251,21 +255,24 @@ def _skip(rel: str) -> bool:
 
 
 def manifest(d: Path, versions: dict[str, str]) -> dict[str, Any]:
-    """Every distribution installed in the environment, its version and the size of every file it installed."""
+    """Every distribution installed in the environment, its version and the size and modification time of every file
+    it installed."""
     sp = site_packages(d)
     dists: dict[str, Any] = {}
     for dist in metadata.distributions(path=[str(sp)]):
         name = _canonical(dist.metadata["Name"] or "")
-        files = {}
+        files, mtimes = {}, {}
         for f in dist.files or []:
             rel = str(f)
             if _skip(rel):
                 continue
             try:
-                files[rel] = (sp / rel).stat().st_size
+                st = (sp / rel).stat()
             except OSError:
                 continue  # RECORD lists it but the installer did not create it (e.g. an optional script)
-        dists[name] = {"version": dist.version, "files": files}
+            files[rel] = st.st_size
+            mtimes[rel] = st.st_mtime_ns
+        dists[name] = {"version": dist.version, "files": files, "mtimes": mtimes}
     return {"format": MANIFEST_FORMAT, "python": str(d / "bin" / "python"), "dists": dists,
             "pinned": {k: v for k, v in versions.items() if k in ("torch",)}}
 
@@ -328,18 +335,25 @@ def verify(req: EnvRequest, d: Path) -> dict[str, Any]:
     else:  # the dist-info folder names carry the versions: same files with the same sizes = same versions
         root = f"{sp}{os.sep}"
         try:
-            dists = [(str(name), entry["files"].items()) for name, entry in man["dists"].items()]
-        except (KeyError, TypeError, AttributeError):
+            dists = [(str(name), entry["files"].items(), dict(entry.get("mtimes") or {}))
+                     for name, entry in man["dists"].items()]
+        except (KeyError, TypeError, AttributeError, ValueError):
             raise BrokenEnvironment("manifest.json malformed") from None
-        for name, files in dists:
+        for name, files, mtimes in dists:
             for rel, size in files:
+                when = mtimes.get(rel)
                 try:
-                    actual = os.stat(root + rel).st_size
+                    st = os.stat(root + rel)
                 except OSError:
                     raise BrokenEnvironment(f"{name}: {rel} is missing") from None
-                if actual != size:
-                    raise BrokenEnvironment(f"{name}: {rel} has {actual} bytes, {size} when built")
+                if st.st_size != size:
+                    raise BrokenEnvironment(f"{name}: {rel} has {st.st_size} bytes, {size} when built")
+                if when is not None and st.st_mtime_ns != when:
+                    raise BrokenEnvironment(f"{name}: {rel} was rewritten after the build (same size, modified "
+                                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.st_mtime))})")
     _check_pins(req, info["versions"])
+    if man is not None and man.get("format") != MANIFEST_FORMAT:  # older, verified by sizes: keep the times from now on
+        write_atomic(path, json.dumps(manifest(d, info["versions"])))
     _VERIFIED[d] = mtime
     return info
 

@@ -141,3 +141,26 @@ def test_a_broken_env_json_does_not_break_env_list(tmp_path: Path, monkeypatch: 
     rows = envs.list_envs()
     assert [(r["name"], r["request"]) for r in rows] == [("deepspeed-0.19.8-000000000000", None)]
     shutil.rmtree(d)
+
+
+def test_a_same_size_rewrite_is_detected_and_an_older_manifest_is_upgraded(private_copy: Path) -> None:
+    """A file rewritten with the same size (an edit, a bad copy) changes its modification time, recorded since
+    manifest format 2; a format-1 manifest (sizes only, older stepdiff) is still accepted, then upgraded."""
+    req = envs.request_for(*PIN)
+    path = private_copy / "manifest.json"
+    man = json.loads(path.read_text())
+    for entry in man["dists"].values():
+        entry.pop("mtimes", None)
+    man["format"] = 1
+    replace_file(path, json.dumps(man).encode())
+    assert envs.verify(req, private_copy)["versions"]["deepspeed"] == "0.19.8"
+    upgraded = json.loads(path.read_text())
+    assert upgraded["format"] == envs.MANIFEST_FORMAT == 2
+    assert "deepspeed/__init__.py" in upgraded["dists"]["deepspeed"]["mtimes"]
+    assert upgraded["dists"]["deepspeed"]["files"] == man["dists"]["deepspeed"]["files"]  # older readers still read it
+    envs._VERIFIED.clear()
+    init = envs.site_packages(private_copy) / "deepspeed" / "__init__.py"
+    data = init.read_bytes()
+    replace_file(init, b"(" + data[1:])  # same size, a syntax error: it used to read as a DeepSpeed crash
+    assert broken(private_copy).startswith("deepspeed: deepspeed/__init__.py was rewritten after the build (same "
+                                           "size, modified ")
