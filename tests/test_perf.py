@@ -180,6 +180,25 @@ def test_unchanged_rerun_takes_the_reference_from_the_cache(tmp_path: Path) -> N
     assert cache.get(reference_material(spec)) is not None
 
 
+def test_cached_multi_step_reference_starts_its_replay_worker_beside_the_framework(tmp_path: Path) -> None:
+    """Later steps are replayed along the framework's own parameters on the reference worker even when the reference
+    itself is cached: that worker starts with the framework's, not after the framework's record."""
+    cache = ReferenceCache(tmp_path / "refcache", log=lambda s: None)
+    spec = faults_spec("two-steps").replace(batch__steps=2)
+    with WorkerPool(tmp_path / "p1") as p1:
+        first = run_cases([(spec, FAULTS)], workdir=tmp_path / "r1", pool=p1, cache=cache, log=lambda s: None)[0]
+    with WorkerPool(tmp_path / "p2") as p2:
+        second = run_cases([(spec, FAULTS)], workdir=tmp_path / "r2", pool=p2, jobs=2, cache=cache,
+                           log=lambda s: None)[0]
+        assert p2.started == 2  # the replay's reference worker
+        times = {d.name.split("-")[0]: (t, d) for d, t in p2.start_times.items()}
+    assert not first.reference_cached and second.reference_cached
+    assert first.runs[0].verdict == second.runs[0].verdict == "agree"
+    assert first.runs[0].max_rel_grad_error == second.runs[0].max_rel_grad_error
+    faults_ready = (times["faults"][1] / "ready.0").stat().st_mtime
+    assert times["reference"][0] < faults_ready  # started while the framework worker was still starting
+
+
 def test_pytest_plugin_session_pool_serves_several_runs(stepdiff_run, stepdiff_pool, monkeypatch,  # type: ignore[no-untyped-def]
                                                          tmp_path: Path) -> None:
     monkeypatch.setenv("STEPDIFF_REFCACHE", str(tmp_path / "refcache"))
