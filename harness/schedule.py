@@ -278,8 +278,6 @@ class Scheduler:
         return result
 
     def _framework_run(self, case: _Case, pin: Any, env: envs.Environment) -> RunResult:
-        from safetensors.torch import load_file
-
         from .runner import _dirname, _meta_dict
 
         spec = case.spec
@@ -313,6 +311,10 @@ class Scheduler:
             result = RunResult(name, version, "error", f"reference failed: {ref.error}", log_tail=ref.log_tail)
         else:
             assert rec is not None
+            # imported only now: the main thread imports torch while the workers start, and an import here (it
+            # pulls in torch) would wait on that import's lock, delaying this worker's start by seconds
+            from safetensors.torch import load_file
+
             try:
                 tref = None
                 if spec.batch.steps > 1:  # later steps at the framework's own parameters (on the reference's lane)
