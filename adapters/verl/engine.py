@@ -11,7 +11,8 @@ clipping), parameters after the step; loss and grad norm from the worker's metri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,6 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
     patches += [p.target for p in cpu.disable_hardcoded_autocast(["verl.workers.engine.fsdp.transformer_impl"])]
     patches.append(cpu.ATTN_CONFIG.target)
     from verl.trainer.config import CheckpointConfig
-    from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
     from verl.workers.engine_workers import TrainingWorker, TrainingWorkerConfig
 
@@ -83,6 +83,28 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
     worker.set_loss_fn(loss_fn=loss_fn)
     worker.reset()
     engine = worker.engine
+    steps: list[StepRecord] = []
+    with step_readout(engine) as record:
+        for s in range(b.steps):
+            steps.append(record(getattr(worker, path.train)(path.batch(spec, s, ctx, shadow))))
+            if path.rl:
+                load_shadow(shadow, steps[-1].params)
+    torch.distributed.barrier()
+    extra = {"verl_config": {
+        "engine": asdict(engine_cfg), "optim": asdict(optim_cfg), "loss": asdict(loss_cfg),
+        "global_batch_size": spec.samples_per_step, "micro_batch_size_per_gpu": b.micro_batch_size,
+        "use_remove_padding": rmpad, "version": version}}
+    return steps, extra
+
+
+@contextlib.contextmanager
+def step_readout(engine: Any) -> Iterator[Callable[[Any], StepRecord]]:
+    """Within the block, the engine instance's `optimizer_step` first copies the full gradients (after accumulation,
+    before clipping); yields `record(out)`, which turns one train call's output into the step's record: loss and grad
+    norm from the worker's metrics ('loss', 'grad_norm'), parameters read after the step. Shared by every engine path
+    (the TrainingWorker paths here and the engine SFT trainer)."""
+    from verl.utils import tensordict_utils as tu
+
     snap: dict[str, Any] = {}
 
     def make(original: Any) -> Any:
@@ -91,24 +113,16 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
             return original()
         return optimizer_step_with_readout
 
-    steps: list[StepRecord] = []
+    def record(out: Any) -> StepRecord:
+        metrics = tu.get(out, "metrics") if out is not None else {}
+        params = fsdp_full(engine.module, "param")
+        if "grads" not in snap:
+            raise RuntimeError("verl's engine did not call optimizer_step (no gradient read)")
+        return StepRecord(loss=scalar(metrics.get("loss")), grad_norm=scalar(metrics.get("grad_norm")),
+                          grads=snap.pop("grads"), params=params)
+
     with wrapped(engine, "optimizer_step", make):
-        for s in range(b.steps):
-            out = getattr(worker, path.train)(path.batch(spec, s, ctx, shadow))
-            metrics = tu.get(out, "metrics") if out is not None else {}
-            params = fsdp_full(engine.module, "param")
-            if "grads" not in snap:
-                raise RuntimeError("verl's engine did not call optimizer_step (no gradient read)")
-            steps.append(StepRecord(loss=scalar(metrics.get("loss")), grad_norm=scalar(metrics.get("grad_norm")),
-                                    grads=snap.pop("grads"), params=params))
-            if path.rl:
-                load_shadow(shadow, params)
-    torch.distributed.barrier()
-    extra = {"verl_config": {
-        "engine": asdict(engine_cfg), "optim": asdict(optim_cfg), "loss": asdict(loss_cfg),
-        "global_batch_size": spec.samples_per_step, "micro_batch_size_per_gpu": b.micro_batch_size,
-        "use_remove_padding": rmpad, "version": version}}
-    return steps, extra
+        yield record
 
 
 def ppo_tensordict(spec: Spec, step: int, ctx: WorkerContext, shadow: Any) -> Any:

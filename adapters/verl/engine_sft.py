@@ -26,9 +26,9 @@ from stepdiff.harness.record import StepRecord
 from stepdiff.harness.spec import Spec
 
 from ..base import WorkerContext
-from ..readouts import fsdp_full, wrapped
 from . import cpu, sft_data, trainer_config
-from .common import clip, fsdp_strategy, model_dir, scalar
+from .common import clip, fsdp_strategy, model_dir
+from .engine import step_readout
 from .knobs import VerlKnobs
 
 CODE_PATH = ("verl.trainer.sft_trainer.SFTTrainer(config) + train_dataloader + TrainingWorker.train_batch + "
@@ -74,7 +74,6 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
     from verl.trainer import sft_trainer
     from verl.utils import tensordict_utils as tu
 
-    b = spec.batch
     run_dir = ctx.scratch / f"engine-sft-{uuid.uuid4().hex[:8]}"
     model_path, _ = model_dir(spec, init_path, ctx)
     sft_data.write_tokenizer(spec, model_path)
@@ -90,33 +89,13 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
         "global_batch_size": tr.global_batch_size, "pad_mode": cfg.data.pad_mode,
         "pad_token_id": tr.model_config.tokenizer.pad_token_id,
     }
-    snap: dict[str, Any] = {}
-
-    def make(original: Any) -> Any:
-        def optimizer_step_with_readout() -> Any:
-            snap["grads"] = fsdp_full(engine.module, "grad")  # after accumulation, before clipping
-            return original()
-        return optimizer_step_with_readout
-
     steps: list[StepRecord] = []
-    tr.train_sampler.set_epoch(epoch=0)
-    with wrapped(engine, "optimizer_step", make):
-        for s, data in enumerate(tr.train_dataloader):
-            if s == b.steps:
-                break
-            sft_data.check_rows(spec, s, ctx.rank, [t.tolist() for t in data["input_ids"].unbind()])
+    with step_readout(engine) as record:
+        for data in sft_data.fit_batches(spec, tr, ctx.rank, lambda d: [t.tolist() for t in d["input_ids"].unbind()]):
             data = tu.get_tensordict(tensor_dict=data, non_tensor_dict=meta_info)
             seqlens = tr._get_batch_seqlens(data=data)
             tu.assign_non_tensor(data, update_lr_scheduler=True, global_token_num=NonTensorData(seqlens))
-            out = tr.training_client.train_batch(data=data)
-            metrics = tu.get(out, "metrics") if out is not None else {}
-            params = fsdp_full(engine.module, "param")
-            if "grads" not in snap:
-                raise RuntimeError("verl's engine did not call optimizer_step (no gradient read)")
-            steps.append(StepRecord(loss=scalar(metrics.get("loss")), grad_norm=scalar(metrics.get("grad_norm")),
-                                    grads=snap.pop("grads"), params=params))
-    if len(steps) != b.steps:
-        raise RuntimeError(f"verl's train_dataloader gave {len(steps)} batches, the spec takes {b.steps} steps")
+            steps.append(record(tr.training_client.train_batch(data=data)))
     torch.distributed.barrier()
     notes.append(f"engine SFT trainer: {type(tr.train_dataset).__name__} read the spec's samples (one user/assistant "
                  "conversation each); fit()'s loop body, without its validation, tracking and checkpoints")

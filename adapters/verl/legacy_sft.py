@@ -86,6 +86,11 @@ def import_trainer(ctx: WorkerContext, patches: list[str]) -> Any:
     return importlib.import_module("verl.trainer.fsdp_sft_trainer")
 
 
+def unpadded_rows(data: Any) -> list[list[int]]:
+    """A legacy dataloader batch's rows without their padding (the datasets right-pad to data.max_length)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(data["input_ids"], data["attention_mask"], strict=True)]
+
+
 def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches: list[str],
           notes: list[str]) -> tuple[list[StepRecord], dict[str, Any]]:
     from tensordict import TensorDict
@@ -95,7 +100,6 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
     from verl.utils import hf_tokenizer
 
     patches += [p.target for p in cpu.disable_hardcoded_autocast(["verl.trainer.fsdp_sft_trainer"])]
-    b = spec.batch
     run_dir = ctx.scratch / f"legacy-sft-{uuid.uuid4().hex[:8]}"
     model_path, _ = model_dir(spec, init_path, ctx)
     sft_data.write_tokenizer(spec, model_path)
@@ -125,14 +129,8 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
     # the clip call training_step makes: verl's fsdp2 helper (a module attribute) or the FSDP1 module's method
     clip_owner, clip_attr = (fst, "fsdp2_clip_grad_norm_") if k.strategy == "fsdp2" else (module, "clip_grad_norm_")
     steps: list[StepRecord] = []
-    tr.train_sampler.set_epoch(epoch=0)
     with wrapped(clip_owner, clip_attr, make):
-        for s, data in enumerate(tr.train_dataloader):
-            if s == b.steps:
-                break
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(data["input_ids"], data["attention_mask"],
-                                                                   strict=True)]
-            sft_data.check_rows(spec, s, ctx.rank, rows)
+        for data in sft_data.fit_batches(spec, tr, ctx.rank, unpadded_rows):
             batch = TensorDict(data, batch_size=cfg.data.train_batch_size).to(device)
             metrics = tr.training_step(batch)
             params = fsdp_full(module, "param")
@@ -140,8 +138,6 @@ def drive(spec: Spec, init_path: Path, ctx: WorkerContext, k: VerlKnobs, patches
                 raise RuntimeError("FSDPSFTTrainer.training_step did not clip/step")
             steps.append(StepRecord(loss=scalar(metrics.get("train/loss")), grad_norm=scalar(snap.pop("norm")),
                                     grads=snap.pop("grads"), params=params))
-    if len(steps) != b.steps:
-        raise RuntimeError(f"verl's train_dataloader gave {len(steps)} batches, the spec takes {b.steps} steps")
     notes.append(f"legacy SFT trainer: {type(train_dataset).__name__} read the spec's samples "
                  f"({dataset_of(k)}); fit()'s loop body, without its validation, tracking and checkpoints")
     if ctx.world_size > 1 and spec.run.device == "cpu":

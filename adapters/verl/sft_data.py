@@ -10,13 +10,15 @@
 - The row order: verl's SFT trainers deal rows with `DistributedSampler(shuffle=True, seed=0)`; rows are written so
   that its permutation hands every rank the spec's samples in the spec's order (placement is part of the spec).
 - `check_rows`: the token ids verl's dataloader produced for a step on this rank must be the spec's samples there.
-  A tokenizer, ordering or dataset surprise is then an error, never a silently different test.
+  A tokenizer, ordering or dataset surprise is then an error, never a silently different test. `fit_batches`: the
+  SFT trainers' own dataloader as their `fit` walks it, every batch checked so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from stepdiff.harness import data as D
 from stepdiff.harness.spec import Spec
@@ -112,6 +114,22 @@ def check_rows(spec: Spec, step: int, rank: int, rows: list[list[int]]) -> None:
         expected = want[bad] if bad < len(want) else None
         raise RuntimeError(f"verl's SFT dataloader gave rank {rank} step {step} row {bad} = {got}, the spec places "
                            f"{expected} there (tokenizer, dataset or sampler order differs)")
+
+
+def fit_batches(spec: Spec, trainer: Any, rank: int, rows: Callable[[Any], list[list[int]]]) -> Iterator[Any]:
+    """The batches an SFT trainer's `fit` steps through, for the spec's steps: `train_sampler.set_epoch(0)`, then
+    the trainer's own `train_dataloader`, each batch's rows (`rows(batch)`: unpadded token ids) checked against the
+    spec's placement on this rank. Fewer batches than the spec's steps is an error."""
+    trainer.train_sampler.set_epoch(epoch=0)
+    given = 0
+    for s, batch in enumerate(trainer.train_dataloader):
+        if s == spec.batch.steps:
+            break
+        check_rows(spec, s, rank, rows(batch))
+        given += 1
+        yield batch
+    if given != spec.batch.steps:
+        raise RuntimeError(f"verl's train_dataloader gave {given} batches, the spec takes {spec.batch.steps} steps")
 
 
 def unsupported(spec: Spec, dataset: Dataset) -> str | None:
