@@ -12,18 +12,19 @@ What a tiny-model case costs is almost all process start-up and imports (seconds
 - each framework run is compared as soon as its record and its case's reference exist; cases finish, and are
   reported, in the order given.
 
+The lanes, cores and worker keys are stepdiff.harness.lanes; the token-level fits of diverging SFT runs
+stepdiff.harness.token_fits.
+
 A task never holds a core while it waits for another task, so lanes cannot deadlock. A failure stays with its run:
 a crashed, failed or timed-out worker is replaced for the next case (stepdiff.harness.pool).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,47 +32,15 @@ from typing import Any
 from . import envs, progress
 from .compare import RunResult, compare
 from .errors import UnsupportedError, WorkerError
-from .pool import WorkerKey, WorkerPool, default_jobs
+from .lanes import FRAMEWORK, REFERENCE_FIRST, Lanes, reference_timeout
+from .pool import WorkerKey, WorkerPool
 from .record import Record
 from .refcache import Entry, ReferenceCache, key_material
 from .registry import get_adapter
 from .safepath import component
 from .spec import Spec, to_dict
+from .token_fits import TokenFits
 from .tolerance import Bound, CalibrationError, bound_for, bound_from_dict, bound_to_dict
-
-
-class Cores:
-    """A weighted semaphore over `capacity` cores (a world-size-2 worker takes two). Waiters are served by priority,
-    then first come first served: the reference (it gates every comparison) before framework runs."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self.free = self.capacity
-        self._cond = threading.Condition()
-        self._waiting: list[tuple[int, int]] = []
-        self._seq = 0
-
-    @contextmanager
-    def hold(self, weight: int, priority: int = 1) -> Iterator[None]:
-        weight = max(1, min(weight, self.capacity))
-        with self._cond:
-            self._seq += 1
-            me = (priority, self._seq)
-            self._waiting.append(me)
-            while min(self._waiting) != me or self.free < weight:
-                self._cond.wait()
-            self._waiting.remove(me)
-            self.free -= weight
-            self._cond.notify_all()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.free += weight
-                self._cond.notify_all()
-
-
-REFERENCE_FIRST, FRAMEWORK = 0, 1
 
 
 @dataclass
@@ -106,65 +75,27 @@ class Scheduler:
 
     def __init__(self, pool: WorkerPool, jobs: int | None = None, cache: ReferenceCache | None = None,
                  log: Callable[[str], None] | None = None) -> None:
+        self.lanes = Lanes(pool, jobs, log)
         self.pool = pool
-        self.jobs = jobs or default_jobs()
-        self.cores = Cores(self.jobs)
+        self.cores = self.lanes.cores
         self.cache = cache if cache is not None else ReferenceCache()
         self.log = log
         """Extra one-line records (the progress display, stepdiff.harness.progress, reports every run anyway)."""
-        self._lanes: dict[WorkerKey, ThreadPoolExecutor] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refcache")
-        self._lanes_lock = threading.Lock()
-        self._log_lock = threading.Lock()
+        self.tokens = TokenFits(self.lanes, self.cache)
         self.multi = False
-        self._t0 = time.perf_counter()
-        self._trace = bool(os.environ.get("STEPDIFF_TRACE"))
-
-    def trace(self, what: str) -> None:
-        """A time-stamped event on stderr when STEPDIFF_TRACE is set (where a command's wall time goes)."""
-        if self._trace:
-            with self._log_lock:
-                print(f"stepdiff trace: {time.perf_counter() - self._t0:7.2f} s [{threading.current_thread().name}] "
-                     f"{what}")
-
-    # -- plumbing --------------------------------------------------------------------------------------------
-
-    def say(self, text: str) -> None:
-        with self._log_lock:
-            if self.log is not None:
-                self.log(text)
-            else:
-                progress.log(text)
-
-    def lane(self, key: WorkerKey) -> ThreadPoolExecutor:
-        with self._lanes_lock:
-            ex = self._lanes.get(key)
-            if ex is None:
-                ex = self._lanes[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lane-{key.adapter}")
-            return ex
-
-    def thread_env(self, world_size: int) -> dict[str, str]:
-        """Intra-op threads per rank so that concurrent workers do not oversubscribe the cores (a user's own
-        OMP_NUM_THREADS wins). Thread count changes float summation order only (~1e-7 relative in fp32)."""
-        if "OMP_NUM_THREADS" in os.environ or self.jobs <= 1:
-            return {}
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return {"OMP_NUM_THREADS": str(max(1, cores // self.jobs))}
-
-    def reference_key(self, device: str) -> WorkerKey:
-        host = envs.host_environment()
-        return WorkerKey("reference", host.python, 1, device, tuple(sorted(self.thread_env(1).items())), "reference")
-
-    def framework_key(self, pin: Any, env: envs.Environment, spec: Spec) -> WorkerKey:
-        from .runner import worker_env
-
-        extra = {**self.thread_env(spec.batch.world_size), **worker_env(env)}
-        return WorkerKey(pin.name, env.python, spec.batch.world_size, spec.run.device, tuple(sorted(extra.items())))
 
     def close(self, cancel: bool = False) -> None:
-        for ex in list(self._lanes.values()):
-            ex.shutdown(wait=True, cancel_futures=cancel)
+        self.lanes.close(cancel)
         self._writer.shutdown(wait=True, cancel_futures=cancel)  # before the run directory is removed
+
+    def _start(self, key: WorkerKey, timeout: float, case: _Case) -> None:
+        """Inside a job's core: start the key's worker if it is not running, then wait for the case's initial
+        weights."""
+        self.lanes.start(key, timeout)
+        case.init_ready.wait()
+        if case.init is None:
+            raise RuntimeError("the initial weights were not written")
 
     # -- the reference ---------------------------------------------------------------------------------------
 
@@ -192,18 +123,18 @@ class Scheduler:
                 bound = bound_from_dict(case.cached.values)
                 return _Ref(rec, bound, host.versions, cached=True, dir=case.cached.path)
             except Exception as e:  # unreadable despite its checksums: recompute
-                self.say(f"stepdiff: cached reference could not be read ({type(e).__name__}: {e}); recomputing")
-        key = self.reference_key(spec.run.device)
+                self.lanes.say(f"stepdiff: cached reference could not be read ({type(e).__name__}: {e}); recomputing")
+        key = self.lanes.reference_key(spec.run.device)
 
         def submit(request: dict[str, Any], timeout_s: float, field: str) -> Any:
-            self.trace(f"reference {spec.case.name}: request {request.get('options') or ''}")
+            self.lanes.trace(f"reference {spec.case.name}: request {request.get('options') or ''}")
             return self.pool.submit(key, request, timeout_s, field)
 
         try:
             with self.cores.hold(1, REFERENCE_FIRST):
                 self._start(key, float(spec.run.reference_timeout_s), case)
                 rec, bound, versions = run_reference(spec, case.init or Path(), case.wd, submit=submit)
-            self.trace(f"reference {spec.case.name}: done")
+            self.lanes.trace(f"reference {spec.case.name}: done")
         except WorkerError as e:
             return _Ref(None, bound_for(spec.model.dtype, None), host.versions, error=e.message, log_tail=e.log_tail)
         except CalibrationError as e:
@@ -218,46 +149,20 @@ class Scheduler:
         framework's own parameters, never cached): started now, beside the framework workers, instead of after the
         framework's record is in (profiled: a cached 2-step TRL run took 49 s against 25 s uncached, 24 s of it the
         reference worker's start-up after the record). A failure here is left to the replay, which reports it."""
-        key = self.reference_key(case.spec.run.device)
+        key = self.lanes.reference_key(case.spec.run.device)
         try:
             with self.cores.hold(1, REFERENCE_FIRST):
                 self._start(key, float(case.spec.run.reference_timeout_s), case)
         except (WorkerError, RuntimeError):
             pass
 
-    def token_reference(self, spec: Spec, init: Path, step: int, out: Path,
-                        teacher: str | None = None) -> Record | None:
-        """The reference's per-token contributions at `step` (cached like the reference unless replayed along a
-        framework's own parameters, `teacher`), or None if it cannot run."""
-        options: dict[str, Any] = {"token_step": step}
-        if teacher:
-            options["teacher"] = teacher
-        material = key_material(spec, options)
-        entry = None if teacher else self.cache.get(material)
-        if entry is not None:
-            try:
-                return Record.load(entry.path)
-            except Exception:
-                pass
-        timeout, field_name = _reference_timeout(spec)
-        try:
-            with self.cores.hold(1, REFERENCE_FIRST):
-                self.pool.submit(self.reference_key(spec.run.device),
-                                 {"spec": to_dict(spec), "init": str(init), "out": str(out), "options": options},
-                                 timeout, *field_name)
-        except WorkerError:
-            return None  # the token fit is an explanation, never a verdict: skip it if it cannot run
-        if not teacher:
-            self.cache.put(material, out)
-        return Record.load(out)
-
     def teacher_reference(self, spec: Spec, init: Path, record_dir: Path, out: Path) -> Record | None:
         """The reference replayed along a framework run's own parameters (runner.teacher_forced), on the pooled
         reference worker: a task of the reference's lane, holding one core."""
         from .runner import teacher_forced
 
-        key = self.reference_key(spec.run.device)
-        timeout, field_name = _reference_timeout(spec)
+        key = self.lanes.reference_key(spec.run.device)
+        timeout, field_name = reference_timeout(spec)
 
         def submit(request: dict[str, Any], timeout_s: float, field: str) -> Any:
             return self.pool.submit(key, request, timeout, *field_name)
@@ -274,7 +179,7 @@ class Scheduler:
             t.done(f"{result.verdict} ({result.timings['wall_s']:.1f} s"
                    f"{', new worker' if result.timings.get('fresh_worker') else ''})")
         if self.log is not None:
-            self.say(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
+            self.lanes.say(f"stepdiff: {label}: {result.verdict} ({result.timings['wall_s']:.1f} s)")
         return result
 
     def _framework_run(self, case: _Case, pin: Any, env: envs.Environment) -> RunResult:
@@ -283,7 +188,7 @@ class Scheduler:
         spec = case.spec
         name, version = pin.name, pin.version
         wdir = case.wd / _dirname(pin.label)
-        key = self.framework_key(pin, env, spec)
+        key = self.lanes.framework_key(pin, env, spec)
         t0 = time.perf_counter()
         fresh = self.pool.fresh(key)
         rec: Record | None = None
@@ -293,14 +198,14 @@ class Scheduler:
             with self.cores.hold(spec.batch.world_size, FRAMEWORK):
                 t_run = time.perf_counter()
                 self._start(key, spec.run.timeout_s, case)
-                self.trace(f"{pin.label} {spec.case.name}: request")
+                self.lanes.trace(f"{pin.label} {spec.case.name}: request")
                 self.pool.submit(key, {"spec": to_dict(spec), "init": str(case.init), "out": str(wdir / "record")},
                                  spec.run.timeout_s)
             rec = Record.load(wdir / "record")
         except WorkerError as e:
             failure = e
         run_s = time.perf_counter() - t0
-        self.trace(f"{pin.label} {spec.case.name}: record in")
+        self.lanes.trace(f"{pin.label} {spec.case.name}: record in")
         assert case.ref is not None
         ref = case.ref.result()
         if isinstance(failure, UnsupportedError):  # the release cannot take a knob: reported with its reason
@@ -318,7 +223,7 @@ class Scheduler:
             try:
                 tref = None
                 if spec.batch.steps > 1:  # later steps at the framework's own parameters (on the reference's lane)
-                    lane = self.lane(self.reference_key(spec.run.device))
+                    lane = self.lanes.lane(self.lanes.reference_key(spec.run.device))
                     tref = lane.submit(self.teacher_reference, spec, case.init or Path(), wdir / "record",
                                        wdir / "teacher").result()
                 result = compare(spec, rec, ref.record, load_file(str(case.init)), ref.bound, name, version, tref)
@@ -330,7 +235,7 @@ class Scheduler:
         result.timings = {"wall_s": time.perf_counter() - t0, "run_s": run_s,
                           "queue_s": t_run - t0,
                           "env_build_s": 0.0 if env.cached else env.build_s, "fresh_worker": float(fresh)}
-        self.trace(f"{pin.label} {spec.case.name}: compared")
+        self.lanes.trace(f"{pin.label} {spec.case.name}: compared")
         return result
 
     # -- a whole command -------------------------------------------------------------------------------------
@@ -343,7 +248,7 @@ class Scheduler:
         from .runner import CaseResult, _environment, _pairwise
 
         t_start = time.perf_counter()
-        self.trace("scheduler start")
+        self.lanes.trace("scheduler start")
         self.multi = len(cases) > 1
         prepared: list[_Case] = []
         environments: dict[Any, envs.Environment] = {}
@@ -367,19 +272,21 @@ class Scheduler:
         for c in need_ref:
             c.cached = self.cache.get(reference_material(c.spec))
             c.wd.mkdir(parents=True, exist_ok=True)
-            c.ref = self.lane(self.reference_key(c.spec.run.device)).submit(self._reference, c)
+            ref_lane = self.lanes.lane(self.lanes.reference_key(c.spec.run.device))
+            c.ref = ref_lane.submit(self._reference, c)
             if c.cached is not None and c.spec.batch.steps > 1:
-                self.lane(self.reference_key(c.spec.run.device)).submit(self._warm_reference, c)
+                ref_lane.submit(self._warm_reference, c)
             for p in c.pins:
                 if c.unsupported[p] is None:
                     env = environments[p]
-                    c.runs.append(self.lane(self.framework_key(p, env, c.spec)).submit(self._framework, c, p, env))
+                    lane = self.lanes.lane(self.lanes.framework_key(p, env, c.spec))
+                    c.runs.append(lane.submit(self._framework, c, p, env))
         for c in need_ref:
             try:
                 c.init = write_init_weights(c.spec, envs.cache_root() / "init")
             finally:
                 c.init_ready.set()  # (a failure here fails the command; waiting jobs then see no init and stop)
-            self.trace(f"init weights of {c.spec.case.name}")
+            self.lanes.trace(f"init weights of {c.spec.case.name}")
         results = []
         t_prev = t_start
         for c in prepared:
@@ -400,7 +307,7 @@ class Scheduler:
                 if ref.record is not None:
                     assert c.init is not None
                     with progress.task("signatures", "token-level fits", announce=False) as t:
-                        self._token_fits(spec, runs, c.init, c.wd)
+                        self.tokens.fit(spec, runs, c.init, c.wd)
                         t.done("done", record=False)
                 result = CaseResult(spec.case.name, spec, runs, ref.bound, ref.versions)
                 if ref.record is not None:
@@ -410,51 +317,11 @@ class Scheduler:
             result.elapsed_s = now - t_prev  # the wall time this case added (cases overlap)
             t_prev = now
             results.append(result)
-            self.trace(f"case {spec.case.name} finished")
+            self.lanes.trace(f"case {spec.case.name} finished")
             if on_result is not None:
                 on_result(result)
         return results
 
-    def _start(self, key: WorkerKey, timeout: float, case: _Case) -> None:
-        """Inside a job's core: start the key's worker if it is not running (imports, distributed init), then wait
-        for the case's initial weights."""
-        if self.pool.fresh(key):
-            self.trace(f"{key.adapter} worker starting")
-            waited = self.pool.warm(key, timeout)  # WorkerError: it died starting (the job's error; replaced later)
-            self.trace(f"{key.adapter} worker ready ({waited:.1f} s)")
-        case.init_ready.wait()
-        if case.init is None:
-            raise RuntimeError("the initial weights were not written")
-
-    def _token_fits(self, spec: Spec, runs: list[RunResult], init: Path, wd: Path) -> None:
-        """For SFT runs that diverge, fit the first diverging step's gradient on per-token contributions (see
-        stepdiff.harness.runner)."""
-        import math
-
-        from . import data as D
-        from .compare import fit_tokens
-        from .model import parameter_shapes
-        from .runner import TOKEN_FIT_MAX_FLOATS, _dirname
-
-        todo = [r for r in runs if r.verdict == "diverge" and r.first_diverging_step is not None
-                and "gradient" in r.steps[r.first_diverging_step].kinds]
-        if spec.loss.kind != "sft" or not todo:
-            return
-        n_params = sum(math.prod(s) for s in parameter_shapes(spec).values())
-        n_tokens = sum(len(s.prompt) + len(s.response) for s in D.samples(spec)[: spec.samples_per_step])
-        if n_params * n_tokens > TOKEN_FIT_MAX_FLOATS:
-            return
-        lane = self.lane(self.reference_key(spec.run.device))
-        for r in todo:
-            step = r.first_diverging_step
-            assert step is not None
-            teacher = str(wd / _dirname(r.label) / "record") if step > 0 else None  # the framework's own parameters
-            out = wd / "reference-tokens" / (f"{_dirname(r.label)}-step{step}" if teacher else f"step{step}")
-            token_ref = lane.submit(self.token_reference, spec, init, step, out, teacher).result()
-            if token_ref is None:
-                return
-            rec = Record.load(wd / _dirname(r.label) / "record")
-            r.tokens = fit_tokens(spec, rec.steps[step].grads, token_ref)
 
 def reference_material(spec: Spec) -> dict[str, Any]:
     """The reference-cache key material of a case's reference (record + calibrated bound): the spec plus what
@@ -473,11 +340,6 @@ def reference_material(spec: Spec) -> dict[str, Any]:
         cal, _ = calibration_spec(spec, n_params)
         options["calibration_layers"] = None if cal is spec else cal.model.num_layers
     return key_material(spec, options)
-
-
-def _reference_timeout(spec: Spec) -> tuple[float, tuple[str, ...]]:
-    """The reference's own timeout (run.reference_timeout_s) and the field a timeout message names."""
-    return float(spec.run.reference_timeout_s), ("run.reference_timeout_s",)
 
 
 def _ensure_ops(pin: Any, env: envs.Environment, spec: Spec) -> None:

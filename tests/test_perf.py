@@ -260,7 +260,10 @@ def test_openrlhf_declares_the_ops_its_run_would_compile() -> None:
 
 
 def test_bench_results_are_stored_and_compared(tmp_path: Path) -> None:
-    from stepdiff.harness.bench import Result, check, document, find_saved, import_profile, save, table
+    from stepdiff.harness.bench import ALL, Result, check, document, find_saved, import_profile, save, table
+    from stepdiff.harness.bench_suite import BENCHMARKS
+
+    assert tuple(BENCHMARKS) == ALL  # --only names and the functions that run them
 
     assert check(0.9, "<= 1.0") is True and check(1.1, "<= 1.0") is False and check(9, ">= 8") is True
     assert check(1.0, "") is None
