@@ -12,8 +12,8 @@ What a tiny-model case costs is almost all process start-up and imports (seconds
 - each framework run is compared as soon as its record and its case's reference exist; cases finish, and are
   reported, in the order given.
 
-The lanes, cores and worker keys are stepdiff.harness.lanes; the token-level fits of diverging SFT runs
-stepdiff.harness.token_fits.
+The lanes, cores and worker keys are stepdiff.harness.lanes; the reference results `References`; the token-level
+fits of diverging SFT runs stepdiff.harness.token_fits.
 
 A task never holds a core while it waits for another task, so lanes cannot deadlock. A failure stays with its run:
 a crashed, failed or timed-out worker is replaced for the next case (stepdiff.harness.pool).
@@ -70,47 +70,28 @@ class _Case:
     runs: list[Future[RunResult]] = field(default_factory=list)
 
 
-class Scheduler:
-    """One command's worth of cases: lanes, cores, the pool and the reference cache."""
+def start_worker(lanes: Lanes, key: WorkerKey, timeout: float, case: _Case) -> None:
+    """Inside a job's core: start the key's worker if it is not running, then wait for the case's initial weights."""
+    lanes.start(key, timeout)
+    case.init_ready.wait()
+    if case.init is None:
+        raise RuntimeError("the initial weights were not written")
 
-    def __init__(self, pool: WorkerPool, jobs: int | None = None, cache: ReferenceCache | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
-        self.lanes = Lanes(pool, jobs, log)
-        self.pool = pool
-        self.cores = self.lanes.cores
-        self.cache = cache if cache is not None else ReferenceCache()
-        self.log = log
-        """Extra one-line records (the progress display, stepdiff.harness.progress, reports every run anyway)."""
+
+class References:
+    """A command's reference results: each case's reference record and bound (from the reference cache, or computed
+    on the pooled reference worker and cached in the background), the reference worker warmed for a cached multi-step
+    case, and the teacher-forced replays along a framework run's own parameters."""
+
+    def __init__(self, lanes: Lanes, cache: ReferenceCache) -> None:
+        self.lanes = lanes
+        self.cache = cache
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refcache")
-        self.tokens = TokenFits(self.lanes, self.cache)
-        self.multi = False
 
     def close(self, cancel: bool = False) -> None:
-        self.lanes.close(cancel)
         self._writer.shutdown(wait=True, cancel_futures=cancel)  # before the run directory is removed
 
-    def _start(self, key: WorkerKey, timeout: float, case: _Case) -> None:
-        """Inside a job's core: start the key's worker if it is not running, then wait for the case's initial
-        weights."""
-        self.lanes.start(key, timeout)
-        case.init_ready.wait()
-        if case.init is None:
-            raise RuntimeError("the initial weights were not written")
-
-    # -- the reference ---------------------------------------------------------------------------------------
-
-    def _reference(self, case: _Case) -> _Ref:
-        label = f"reference [{case.spec.case.name}]" if self.multi else "reference"
-        with progress.task(label, "running (and its float64 calibration)", announce=case.cached is None) as t:
-            ref = self._reference_run(case)
-            if ref.record is None:
-                t.done(f"failed: {ref.error}")
-            else:
-                how = "from the cache" if ref.cached else f"done ({t.elapsed:.1f} s)"
-                t.done(f"{how}; bound {ref.bound.value:.1e}")
-        return ref
-
-    def _reference_run(self, case: _Case) -> _Ref:
+    def record(self, case: _Case) -> _Ref:
         """The case's reference record and bound: from the cache, or computed on the pooled reference worker
         (stepdiff.harness.runner.run_reference: float32 run, float64 calibration) and then cached."""
         from .runner import run_reference
@@ -128,11 +109,11 @@ class Scheduler:
 
         def submit(request: dict[str, Any], timeout_s: float, field: str) -> Any:
             self.lanes.trace(f"reference {spec.case.name}: request {request.get('options') or ''}")
-            return self.pool.submit(key, request, timeout_s, field)
+            return self.lanes.pool.submit(key, request, timeout_s, field)
 
         try:
-            with self.cores.hold(1, REFERENCE_FIRST):
-                self._start(key, float(spec.run.reference_timeout_s), case)
+            with self.lanes.cores.hold(1, REFERENCE_FIRST):
+                start_worker(self.lanes, key, float(spec.run.reference_timeout_s), case)
                 rec, bound, versions = run_reference(spec, case.init or Path(), case.wd, submit=submit)
             self.lanes.trace(f"reference {spec.case.name}: done")
         except WorkerError as e:
@@ -144,19 +125,19 @@ class Scheduler:
                             bound_to_dict(bound))
         return _Ref(rec, bound, versions, dir=case.wd / "reference" / "record")
 
-    def _warm_reference(self, case: _Case) -> None:
+    def warm(self, case: _Case) -> None:
         """A cached reference still needs its worker for the teacher-forced replay of later steps (along each
         framework's own parameters, never cached): started now, beside the framework workers, instead of after the
         framework's record is in (profiled: a cached 2-step TRL run took 49 s against 25 s uncached, 24 s of it the
         reference worker's start-up after the record). A failure here is left to the replay, which reports it."""
         key = self.lanes.reference_key(case.spec.run.device)
         try:
-            with self.cores.hold(1, REFERENCE_FIRST):
-                self._start(key, float(case.spec.run.reference_timeout_s), case)
+            with self.lanes.cores.hold(1, REFERENCE_FIRST):
+                start_worker(self.lanes, key, float(case.spec.run.reference_timeout_s), case)
         except (WorkerError, RuntimeError):
             pass
 
-    def teacher_reference(self, spec: Spec, init: Path, record_dir: Path, out: Path) -> Record | None:
+    def teacher(self, spec: Spec, init: Path, record_dir: Path, out: Path) -> Record | None:
         """The reference replayed along a framework run's own parameters (runner.teacher_forced), on the pooled
         reference worker: a task of the reference's lane, holding one core."""
         from .runner import teacher_forced
@@ -165,10 +146,44 @@ class Scheduler:
         timeout, field_name = reference_timeout(spec)
 
         def submit(request: dict[str, Any], timeout_s: float, field: str) -> Any:
-            return self.pool.submit(key, request, timeout, *field_name)
+            return self.lanes.pool.submit(key, request, timeout, *field_name)
 
-        with self.cores.hold(1):
+        with self.lanes.cores.hold(1):
             return teacher_forced(submit, spec, init, record_dir, out)
+
+
+class Scheduler:
+    """One command's worth of cases: its lanes (stepdiff.harness.lanes), its reference results (`References`), its
+    framework runs and their comparisons, its token-level fits (stepdiff.harness.token_fits)."""
+
+    def __init__(self, pool: WorkerPool, jobs: int | None = None, cache: ReferenceCache | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.lanes = Lanes(pool, jobs, log)
+        self.pool = pool
+        self.cores = self.lanes.cores
+        self.cache = cache if cache is not None else ReferenceCache()
+        self.log = log
+        """Extra one-line records (the progress display, stepdiff.harness.progress, reports every run anyway)."""
+        self.refs = References(self.lanes, self.cache)
+        self.tokens = TokenFits(self.lanes, self.cache)
+        self.multi = False
+
+    def close(self, cancel: bool = False) -> None:
+        self.lanes.close(cancel)
+        self.refs.close(cancel)
+
+    # -- the reference ---------------------------------------------------------------------------------------
+
+    def _reference(self, case: _Case) -> _Ref:
+        label = f"reference [{case.spec.case.name}]" if self.multi else "reference"
+        with progress.task(label, "running (and its float64 calibration)", announce=case.cached is None) as t:
+            ref = self.refs.record(case)
+            if ref.record is None:
+                t.done(f"failed: {ref.error}")
+            else:
+                how = "from the cache" if ref.cached else f"done ({t.elapsed:.1f} s)"
+                t.done(f"{how}; bound {ref.bound.value:.1e}")
+        return ref
 
     # -- a framework run -------------------------------------------------------------------------------------
 
@@ -197,7 +212,7 @@ class Scheduler:
         try:
             with self.cores.hold(spec.batch.world_size, FRAMEWORK):
                 t_run = time.perf_counter()
-                self._start(key, spec.run.timeout_s, case)
+                start_worker(self.lanes, key, spec.run.timeout_s, case)
                 self.lanes.trace(f"{pin.label} {spec.case.name}: request")
                 self.pool.submit(key, {"spec": to_dict(spec), "init": str(case.init), "out": str(wdir / "record")},
                                  spec.run.timeout_s)
@@ -224,7 +239,7 @@ class Scheduler:
                 tref = None
                 if spec.batch.steps > 1:  # later steps at the framework's own parameters (on the reference's lane)
                     lane = self.lanes.lane(self.lanes.reference_key(spec.run.device))
-                    tref = lane.submit(self.teacher_reference, spec, case.init or Path(), wdir / "record",
+                    tref = lane.submit(self.refs.teacher, spec, case.init or Path(), wdir / "record",
                                        wdir / "teacher").result()
                 result = compare(spec, rec, ref.record, load_file(str(case.init)), ref.bound, name, version, tref)
                 result.meta = _meta_dict(rec)
@@ -275,7 +290,7 @@ class Scheduler:
             ref_lane = self.lanes.lane(self.lanes.reference_key(c.spec.run.device))
             c.ref = ref_lane.submit(self._reference, c)
             if c.cached is not None and c.spec.batch.steps > 1:
-                ref_lane.submit(self._warm_reference, c)
+                ref_lane.submit(self.refs.warm, c)
             for p in c.pins:
                 if c.unsupported[p] is None:
                     env = environments[p]
