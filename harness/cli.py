@@ -249,6 +249,11 @@ def cmd_env(args: argparse.Namespace) -> int:
             for op, seconds in ensure_ops(env.path, env.python, env.name, get_adapter(fp.name).ops(fp.version)).items():
                 print(f"{env.name}: compiled {op} in {seconds:.0f} s")
         return 0
+    if args.pattern is None and not args.all or args.pattern is not None and not args.pattern.strip():
+        raise UsageError("env remove: no pattern; fix: give part of the environments' names (see `stepdiff env list`),"
+                         " or --all to remove every cached environment")
+    if args.pattern is not None and args.all:
+        raise UsageError("env remove: a pattern and --all; fix: give one of them")
     removed = envs.remove_envs(args.pattern)
     print("\n".join(f"removed {r}" for r in removed) or "nothing to remove")
     return 0
@@ -317,6 +322,10 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     if not args.case:
         raise UsageError("stepdiff fuzz: give a CASE (a case file or bundled case name)")
     out_json = check_output_file(args.json, "--json") if args.json else None
+    if args.save_case:  # checked before the search, not after hours of it (its folder is created, as it would be)
+        save_parent = Path(args.save_case).parent
+        check_output_dir(str(save_parent) if str(save_parent) else ".", "--save-case")
+        check_output_file(args.save_case, "--save-case")
     base = S.load(resolve_case(args.case))
     pins = args.framework or list(base.case.frameworks)
     if not pins:
@@ -466,6 +475,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def release(text: str) -> str:
+    """A release number as pip's index spells them (PEP 440, argparse type)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(text)
+    except InvalidVersion:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a release number (e.g. 0.19.0)") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stepdiff import __version__
 
@@ -540,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--torch", help="the target's torch version (default: this host's)")
     wh.add_argument("--have", metavar="FREEZE", help="a `pip freeze` of the target: what it has is left out")
     rm = env_sub.add_parser("remove")
-    rm.add_argument("pattern", nargs="?", help="remove environments whose name contains this (default: all)")
+    rm.add_argument("pattern", nargs="?", help="remove environments whose name contains this")
+    rm.add_argument("--all", action="store_true", help="remove every cached environment (never the default: the cache "
+                    "is shared by every stepdiff run on this machine)")
     env.set_defaults(func=cmd_env)
     conf = verb("conformance", help="run the adapter conformance kit against framework runs")
     conf.add_argument("pins", nargs="+", metavar="NAME==VERSION", help="framework pins, or 'reference'")
@@ -578,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("case", help="case file or bundled case name")
     bi.add_argument("framework", help="adapter name (its package is bisected), or a version set with the bisected "
                     "package marked: 'trl==1.16.0,transformers==*'")
-    bi.add_argument("--from", dest="from_version", metavar="V", help="oldest release to consider")
-    bi.add_argument("--to", dest="to_version", metavar="V", help="newest release to consider")
+    bi.add_argument("--from", dest="from_version", type=release, metavar="V", help="oldest release to consider")
+    bi.add_argument("--to", dest="to_version", type=release, metavar="V", help="newest release to consider")
     bi.add_argument("--no-fix", action="store_true", help="stop once the introducing release is found")
     bi.add_argument("--device", choices=["cpu", "cuda"], help="override run.device")
     bi.add_argument("--json", metavar="PATH", help="every probe and the result as JSON")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -152,3 +153,45 @@ def test_exit_code_function_orders_verdicts() -> None:
     assert worst_verdict(["unsupported", "diverge"]) == "diverge"
     with pytest.raises(ValueError):
         exit_code(["pass"])
+
+
+def test_fuzz_save_case_and_bisect_releases_are_checked_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fuzz --save-case` into a place that cannot be written used to surface after the whole search; `bisect --from x`
+    was an internal error (exit 5) from the release parser."""
+    from stepdiff.harness import cli
+
+    case = tmp_path / "c.toml"
+    case.write_text('[case]\nname = "c"\nframeworks = ["faults"]\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, needle in ((["fuzz", str(case), "--save-case", str(blocker / "x.toml")], "--save-case"),
+                         (["fuzz", str(case), "--save-case", str(tmp_path)], "is a directory"),
+                         (["bisect", str(case), "deepspeed", "--from", "x"], "'x' is not a release number"),
+                         (["bisect", str(case), "deepspeed", "--to", "latest"], "'latest' is not a release number")):
+        with pytest.raises(SystemExit) if "bisect" in args else contextlib.nullcontext() as raised:
+            assert cli.main(args) == 3, args  # argparse's errors leave main() as SystemExit(3)
+        if raised is not None:
+            assert raised.value.code == 3
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("stepdiff: error: ") and needle in lines[0], (args, lines)
+
+
+def test_env_remove_needs_a_pattern_or_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The cache is shared by every stepdiff run on the machine: removing all of it is never the default."""
+    from stepdiff.harness import cli
+
+    monkeypatch.setenv("STEPDIFF_CACHE", str(tmp_path))
+    envs_dir = tmp_path / "envs"
+    for name in ("deepspeed-0.19.8-000000000000", "trl-1.16.0-000000000000"):
+        (envs_dir / name).mkdir(parents=True)
+    for args in (["env", "remove"], ["env", "remove", ""], ["env", "remove", " "], ["env", "remove", "trl", "--all"]):
+        assert cli.main(args) == 3, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("stepdiff: error: env remove: "), err
+    assert sorted(p.name for p in envs_dir.iterdir()) == ["deepspeed-0.19.8-000000000000", "trl-1.16.0-000000000000"]
+    assert cli.main(["env", "remove", "trl-"]) == 0
+    assert capsys.readouterr().out.strip() == "removed trl-1.16.0-000000000000"
+    assert cli.main(["env", "remove", "--all"]) == 0
+    assert list(envs_dir.iterdir()) == []
