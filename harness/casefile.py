@@ -78,10 +78,12 @@ def write_case(spec: Spec, path: Path, header: str = "") -> Path:
 
 
 def _finding_text(c: Campaign, space: Space, spec: Spec) -> str:
-    from .strategies import describe_samples, spec_changes
+    from .strategies import describe_samples, samples_change, spec_changes
 
     moved = spec_changes(space, spec)
     fields = ", ".join(f"{k}={v}" for k, v in moved.items()) or "none"
+    if (samples := samples_change(space.base, spec)) is not None:
+        fields += f"; samples: {samples}"
     what = (f"property {c.prop} broken: {c.outcome.reason}" if c.outcome is not None
             else f"{c.failing.verdict if c.failing else '?'}: {c.failing.reason if c.failing else ''}")
     sig = ""

@@ -418,6 +418,20 @@ def spec_changes(space: Space, spec: Spec) -> dict[str, Any]:
     return out
 
 
+def samples_change(base: Spec, spec: Spec) -> str | None:
+    """How the spec's explicit samples differ from the base case's, e.g. '2 of the base case's 4 (0, 1 unchanged)';
+    None when they are the same (spec_changes leaves samples out: a trimmed case must still say it was trimmed)."""
+    was, now = tuple(base.data.samples), tuple(spec.data.samples)
+    if was == now:
+        return None
+    if not was:
+        return f"{len(now)} drawn samples (the base case draws its own)"
+    kept = [was.index(x) for x in now if x in was]
+    edited = len(now) - len(kept)
+    parts = ([f"{', '.join(map(str, kept))} unchanged"] if kept else []) + ([f"{edited} edited"] if edited else [])
+    return f"{len(now)} of the base case's {len(was)} ({'; '.join(parts)})"
+
+
 def describe_samples(spec: Spec) -> str:
     """Per micro-batch supervised-token counts of step 0, e.g. 'rank 0: [2, 30]' - the shape the mean-of-means bugs
     need."""

@@ -125,6 +125,13 @@ def test_explicit_samples_are_reordered_trimmed_and_extended() -> None:
     shape = {"order": [0, 1, 2, 3], "edits": [[0, 0]] * 2}
     spec = ST.apply(space, {"batch.grad_accum": 2, "data.samples": shape})
     assert spec.data.samples == base.data.samples[:2]
+    # the written case's description says the samples were trimmed (spec_changes leaves samples out)
+    assert ST.samples_change(base, spec) == "2 of the base case's 4 (0, 1 unchanged)"
+    assert ST.samples_change(base, base) is None
+    edited = spec.replace(data__samples=(base.data.samples[1], S.Sample(prompt=(11, 12, 13), response=(5, 1))))
+    assert ST.samples_change(base, edited) == "2 of the base case's 4 (1 unchanged; 1 edited)"
+    drawn_case = S.load(resolve_case("deepspeed-zero2-offload-ga4"))
+    assert ST.samples_change(drawn_case, spec) == "2 drawn samples (the base case draws its own)"
 
 
 def test_vary_and_fix_narrow_the_space() -> None:
