@@ -207,8 +207,16 @@ def probe(spec: Spec, target: Target, version: str) -> Probe:
     except UsageError as e:
         return Probe(version, "not-installable", reason=str(e)[:300], run_s=time.perf_counter() - t0)
     r = case.runs[0]
+    reason = r.reason if r.verdict != "error" else _with_cause(r.reason, r.log_tail)
     return Probe(version, r.verdict, r.signature.name if r.signature else None, r.max_rel_grad_error,
-                 list(r.fit.weights) if r.fit else None, r.reason[:300], build_s, time.perf_counter() - t0 - build_s)
+                 list(r.fit.weights) if r.fit else None, reason[:300], build_s, time.perf_counter() - t0 - build_s)
+
+
+def _with_cause(reason: str, log_tail: str) -> str:
+    """An error's reason plus the framework's own last exception line, so a skipped release says why (e.g. deepspeed
+    0.14.0-0.14.3 with torch 2.13: 'ImportError: cannot import name 'log' from torch.distributed.elastic...')."""
+    found = [ln.strip() for ln in log_tail.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b.*:", ln)]
+    return f"{reason}: {found[-1][:200]}" if found and found[-1] not in reason else reason
 
 
 def bisect(spec: Spec, target: Target, releases: list[str], find_fix: bool = True,

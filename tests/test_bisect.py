@@ -9,7 +9,7 @@ import math
 import pytest
 
 from stepdiff.harness import spec as S
-from stepdiff.harness.bisection import Probe, Target, bisect, list_releases, parse_target
+from stepdiff.harness.bisection import Probe, Target, _with_cause, bisect, list_releases, parse_target
 from stepdiff.harness.errors import UsageError
 
 RELEASES = [f"0.{i}.0" for i in range(40)]
@@ -74,3 +74,13 @@ def test_releases_from_pips_index() -> None:
     assert {"0.15.1", "0.15.2", "0.18.9", "0.19.0"} <= set(releases)
     with pytest.raises(UsageError, match="no such release"):
         list_releases("deepspeed", "0.14.99", None)
+
+
+def test_a_skipped_release_says_why() -> None:
+    tail = ("Traceback (most recent call last):\n  File \"x.py\", line 9, in <module>\n"
+            "    from torch.distributed.elastic.agent.server.api import log\n"
+            "ImportError: cannot import name 'log' from 'torch.distributed.elastic.agent.server.api'\n")
+    why = _with_cause("deepspeed worker exited with code 1 while starting", tail)
+    assert why == ("deepspeed worker exited with code 1 while starting: ImportError: cannot import name 'log' from "
+                   "'torch.distributed.elastic.agent.server.api'")
+    assert _with_cause("worker timed out", "no exception here\n") == "worker timed out"
