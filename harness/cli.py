@@ -135,6 +135,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         pins = args.framework or list(spec.case.frameworks)
         frameworks = [parse_pin(p, "--framework" if args.framework else f"{case_arg}: case.frameworks")
                       for p in pins]
+        if not frameworks:  # nothing would run: never an empty table with 'error (exit 2)' and no reason
+            raise UsageError(f"case {case_arg}: no frameworks to run; fix: list them in case.frameworks (e.g. "
+                             "frameworks = [\"deepspeed==0.19.8\"]) or give --framework NAME==VERSION")
         outputs.check_baseline(args, spec)
         plan.append((spec, frameworks))
     if args.jobs is not None and args.jobs < 1:

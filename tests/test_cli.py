@@ -195,3 +195,20 @@ def test_env_remove_needs_a_pattern_or_all(tmp_path: Path, monkeypatch: pytest.M
     assert capsys.readouterr().out.strip() == "removed trl-1.16.0-000000000000"
     assert cli.main(["env", "remove", "--all"]) == 0
     assert list(envs_dir.iterdir()) == []
+
+
+def test_a_case_with_no_framework_is_a_usage_error_before_any_work(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty case file loads (every field has a default) but names no framework: exit 3 and the fix, not an empty
+    table with 'verdict: error (exit 2)' and no reason; and not after the other cases ran."""
+    from stepdiff.harness import cli
+
+    empty, good = tmp_path / "empty.toml", tmp_path / "good.toml"
+    empty.write_text("")
+    good.write_text('[case]\nname = "good"\nframeworks = ["faults"]\n')
+    for args in (["run", str(empty)], ["run", str(good), str(empty)]):
+        assert cli.main(args) == 3
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "no frameworks to run; fix: list them in case.frameworks" in lines[0], lines
+        assert "faults" not in captured.out  # nothing ran
