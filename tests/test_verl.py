@@ -86,6 +86,10 @@ def test_capabilities_and_unsupported() -> None:
     assert "supervise" in VerlAdapter.unsupported(sft.replace(data__supervise="all"), "0.9.1")
     assert "fsdp1" in VerlAdapter.unsupported(_spec("verl-sft-multiturn-mask"), "0.4.0")  # torch.cuda in its loader
     assert "SFT dataset" in VerlAdapter.unsupported(_spec("verl-actor", dataset="multi-turn"), "0.9.1")
+    # verl decays every parameter: an exclusion list is unsupported, not silently ignored
+    decayed = sft.replace(optimizer__weight_decay=0.1)
+    assert VerlAdapter.unsupported(decayed, "0.9.1") is None
+    assert "one parameter group" in VerlAdapter.unsupported(decayed.replace(optimizer__no_decay=("norm",)), "0.9.1")
 
 
 def test_sft_files_carry_the_spec_ids_in_the_sampler_order() -> None:

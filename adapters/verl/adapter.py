@@ -215,6 +215,11 @@ class VerlAdapter(Adapter):
                 return "rl.mask_truncated has no verl equivalent in these paths"
             if any(not s.prompt for s in D.samples(spec)):
                 return "verl's RL paths need a non-empty prompt in every sample"
+        if spec.optimizer.no_decay and spec.optimizer.weight_decay > 0:
+            # verl's optimizers (workers.config.optimizer.build_optimizer, the legacy workers' AdamW) get every
+            # parameter in one group: an exclusion list would be silently ignored (a decay-on-excluded divergence)
+            return ("optimizer.no_decay: verl's optimizer decays every parameter (one parameter group); set "
+                    "optimizer.no_decay = [] or optimizer.weight_decay = 0")
         if k.strategy == "fsdp1" and spec.batch.world_size > 1:
             return ("verl.strategy = 'fsdp1' at world size > 1: gradients cannot be read back on CPU (torch FSDP1 "
                     "unshard fails); use fsdp2")
