@@ -373,7 +373,9 @@ def _verify_records(sp: Path) -> None:
 
 
 def _run_uv(args: list[str], env: dict[str, str], what: str) -> None:
-    proc = subprocess.run([uv_binary(), *args], capture_output=True, text=True, env=env)
+    from .procs import die_with_parent
+
+    proc = subprocess.run([uv_binary(), *args], capture_output=True, text=True, env=env, preexec_fn=die_with_parent())
     if proc.returncode != 0:
         raise EnvironmentBuildError(f"{what} could not be installed: {installer_reason(proc.stderr)}")
 

@@ -16,7 +16,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 HARNESS_PID = "STEPDIFF_HARNESS_PID"
 HARNESS_START = "STEPDIFF_HARNESS_START"
@@ -108,6 +108,27 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
 def harness_identity() -> dict[str, str]:
     """Environment variables that let a worker watch this harness process."""
     return {HARNESS_PID: str(os.getpid()), HARNESS_START: start_time(os.getpid()) or ""}
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A subprocess preexec_fn: the child is SIGKILLed when the thread that started it dies (Linux PR_SET_PDEATHSIG).
+    For installers (uv) that must not outlive a killed stepdiff: an orphaned `uv pip install` kept writing into the
+    half-built environment the next run removes and rebuilds. That thread waits for the child the whole time, so it
+    only dies with the process. libc is loaded here, in the parent: nothing is imported after the fork."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the child may outlive a killed stepdiff
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(128 + int(signal.SIGKILL))
+
+    return preexec
 
 
 def drop_dangling_tmp_link(tmp: str | None = None) -> None:

@@ -164,3 +164,33 @@ def test_a_same_size_rewrite_is_detected_and_an_older_manifest_is_upgraded(priva
     replace_file(init, b"(" + data[1:])  # same size, a syntax error: it used to read as a DeepSpeed crash
     assert broken(private_copy).startswith("deepspeed: deepspeed/__init__.py was rewritten after the build (same "
                                            "size, modified ")
+
+
+def test_the_installer_dies_with_a_killed_stepdiff(tmp_path: Path) -> None:
+    """SIGKILL to stepdiff mid-build: uv must not go on writing into the half-built environment (the next run removes
+    and rebuilds that folder). A stand-in installer (sleep) started through envs._run_uv, its parent killed."""
+    import signal
+    import time
+
+    from stepdiff.harness import procs
+
+    code = ("import os, sys\nfrom stepdiff.harness import envs\nenvs.uv_binary = lambda: '/bin/sleep'\n"
+            "envs._run_uv(['300'], dict(os.environ), 'stand-in')\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    kids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (kids := procs.descendants(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kids, "the stand-in installer never started"
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while [k for k in kids if procs.start_time(k)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [k for k in kids if procs.start_time(k)] == [], "the installer outlived a killed stepdiff"
+    finally:
+        parent.kill()
+        for k in kids:
+            if procs.start_time(k):
+                os.kill(k, signal.SIGKILL)
