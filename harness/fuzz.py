@@ -332,16 +332,19 @@ def fuzz(base: Spec, pin: FrameworkPin, *, prop: str | None = None, vary: Sequen
 
         # no 'explain' phase: it re-runs the minimal failure with each part randomised, a framework run each
         phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+        wrapped = given(st.data())(check)
+        if use_seed is not None:
+            # before settings: hypothesis's @seed also switches the example database off (it is meant to reproduce
+            # one failure), which left the ci profile (seed 0) never saving nor replaying a failure
+            wrapped = hseed(use_seed)(wrapped)
         wrapped = settings(max_examples=max_examples, deadline=None, derandomize=False, verbosity=Verbosity.quiet,
                            phases=phases,
                            database=DirectoryBasedExampleDatabase(str(database)) if database else None,
-                           suppress_health_check=list(HealthCheck), report_multiple_bugs=False)(given(st.data())(check))
+                           suppress_health_check=list(HealthCheck), report_multiple_bugs=False)(wrapped)
         # one database key per (case, framework, property, space): a saved failure replays only where it was found
         wrapped.hypothesis.inner_test._hypothesis_internal_add_digest = json.dumps(  # type: ignore[attr-defined]
             [base.case.name, pin.label, c.prop, c.active, c.fixed, repr(space.limits)], sort_keys=True,
             default=str).encode()
-        if use_seed is not None:
-            wrapped = hseed(use_seed)(wrapped)
         try:
             with _shrink_budget(max_shrink_time):
                 wrapped()

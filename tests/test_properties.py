@@ -141,3 +141,20 @@ def test_property_negative_control_caught_and_clean_control_holds(tmp_path: Path
     assert "VIOLATED against property " + prop in str(caught.value)
     ok = check("faults", faults_case(tmp_path, "none"), workdir=tmp_path / "good", **small)
     assert ok.failing is None and ok.runs == 2 and all(e.verdict == "hold" for e in ok.examples)
+
+
+def test_a_found_failure_is_saved_and_replayed_first_under_the_ci_seed(tmp_path: Path) -> None:
+    """The ci profile runs with a fixed seed; hypothesis's @seed alone switches the example database off, so a
+    failure was never saved nor replayed. The second campaign must start from the first one's minimal failure."""
+    from stepdiff.harness.fuzz import fuzz
+    from stepdiff.harness.runner import parse_pin
+
+    base = S.load(faults_case(tmp_path, "decay-without-lr"))
+    kw: dict[str, Any] = {"prop": "zero_lr", "vary": ["data.samples", "batch.micro_batch_size"], "examples": 2,
+                          "limits": ST.Limits(max_micro_batch=2, max_response_len=8), "database": tmp_path / "db",
+                          "save_case": False, "reproduce": False}
+    first = fuzz(base, parse_pin("faults"), workdir=tmp_path / "w1", **kw)
+    assert first.failing is not None and first.seed == 0
+    assert any(p.is_file() for p in (tmp_path / "db").rglob("*"))  # saved
+    again = fuzz(base, parse_pin("faults"), workdir=tmp_path / "w2", **kw)
+    assert again.examples[0].verdict == "violated" and again.examples[0].config == first.failing.config  # replayed
