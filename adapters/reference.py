@@ -70,6 +70,13 @@ class ReferenceAdapter(Adapter):
         pad_to=True,
     )
 
+    def setup(self, ctx: WorkerContext) -> None:
+        """Import what every request uses at start-up (about 4 CPU-seconds), so that a worker started ahead of its first
+        request (a cached reference's teacher-forced replay, stepdiff.harness.schedule.References.warm) is ready to
+        compute when the framework's record comes in, not ready to import."""
+        import torch  # noqa: F401
+        from transformers import LlamaForCausalLM  # noqa: F401
+
     def run(self, spec: Spec, init_path: Path, ctx: WorkerContext, dtype: str | None = None,
             token_step: int | None = None, contributions: bool = True, contrib_sketch: float | None = None,
             teacher: str | None = None) -> Record:

@@ -201,6 +201,20 @@ def test_cached_multi_step_reference_starts_its_replay_worker_beside_the_framewo
     assert times["reference"][0] < faults_ready  # started while the framework worker was still starting
 
 
+def test_a_started_reference_worker_has_imported_what_its_requests_use(tmp_path: Path) -> None:
+    """Ready means ready to compute: the reference's set-up (run before a worker writes its ready file) imports torch
+    and transformers' Llama model (a warmed reference worker otherwise paid ~4 CPU-s of imports inside the replay,
+    after the framework's record)."""
+    code = ("import sys; from pathlib import Path; from stepdiff.adapters.base import WorkerContext; "
+            "from stepdiff.adapters.reference import ReferenceAdapter; "
+            "assert 'transformers.models.llama.modeling_llama' not in sys.modules; "
+            f"ReferenceAdapter().setup(WorkerContext(0, 1, 0, 'cpu', Path({str(tmp_path)!r}))); "
+            "print('torch' in sys.modules, 'transformers.models.llama.modeling_llama' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_pytest_plugin_session_pool_serves_several_runs(stepdiff_run, stepdiff_pool, monkeypatch,  # type: ignore[no-untyped-def]
                                                          tmp_path: Path) -> None:
     monkeypatch.setenv("STEPDIFF_REFCACHE", str(tmp_path / "refcache"))
