@@ -5,7 +5,9 @@
 - adapters import their framework (and torch/transformers) only inside functions, so `stepdiff list` and the host's
   checks never import a framework;
 - the comparison modules know tensors, not frameworks or adapters; reports know results, not frameworks or adapters;
-- `stepdiff/_util.py`, shared by both rooms, imports only the standard library.
+- `stepdiff/_util.py`, shared by both rooms, imports only the standard library;
+- no class in adapters/, harness/, reports/ or stepdiff/ is longer than MAX_CLASS_LINES (a class that outgrows it
+  holds more than one job: split it by moving a job out, not by squeezing lines).
 Each rule has a sibling test proving the checker finds a violation.
 """
 
@@ -27,6 +29,7 @@ ADAPTER_MAY_IMPORT = {"stepdiff.harness.spec", "stepdiff.harness.record", "stepd
 shared initial weights were written for (harness.model.hf_config), the sketch format of the reference's recorded
 contributions (harness.sketch, a record format for real-size models) and the spec's optimizer written out
 (harness.optim: the `faults` self-test breaks it on purpose)."""
+MAX_CLASS_LINES = 250
 COMPARISON = ("diff", "tolerance", "signatures", "compare", "optim", "optsig", "calibration")
 
 
@@ -120,6 +123,25 @@ def test_harness_imports_no_framework() -> None:
 def test_shared_util_is_standard_library_only() -> None:
     names = {m.split(".")[0] for m, _, _ in imports(ROOT / "stepdiff" / "_util.py", "stepdiff")} - {"__future__"}
     assert names <= set(sys.stdlib_module_names), names
+
+
+def long_classes(path: Path, limit: int = MAX_CLASS_LINES) -> list[str]:
+    """'file:line Name (N lines)' for every class in `path` longer than `limit` lines (decorators not counted)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [f"{path}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+            if isinstance(n, ast.ClassDef) and n.end_lineno is not None and n.end_lineno - n.lineno + 1 > limit]
+
+
+def test_no_class_over_the_limit() -> None:
+    found = [c for room in ("adapters", "harness", "reports", "stepdiff") for path, _ in room_files(room, "stepdiff")
+             for c in long_classes(path)]
+    assert not found, found
+
+
+def test_long_class_checker_finds_one(tmp_path: Path) -> None:
+    f = tmp_path / "big.py"
+    f.write_text("class Small:\n    x = 1\n\n\nclass Big:\n" + "    x = 1\n" * 9)
+    assert long_classes(f, limit=9) == [f"{f}:5 Big (10 lines)"]
 
 
 @pytest.mark.parametrize(("source", "expected"), [
