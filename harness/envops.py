@@ -22,6 +22,10 @@ from typing import Protocol
 
 BUILD_TIMEOUT_S = 1800.0
 PROGRESS_EVERY_S = 30.0
+STALE_LOCK_S = 900.0
+"""A torch extension build lock (`<extensions>/<op>/lock`, torch's FileBaton) older than this is left by a killed
+build: a live holder is a worker checking its op (seconds) or a run compiling it itself (within its timeout, 600 s by
+default), while builds here hold the environment's ops lock."""
 
 
 class Op(Protocol):
@@ -62,6 +66,9 @@ def ensure_ops(env_path: Path, python: str, label: str, ops: tuple[Op, ...] | li
             state = _state(env_path)  # another command may have built it while we waited for the lock
             if state.get(op.name, {}).get("ok"):
                 continue
+            for stale in clear_stale_locks(env_path):
+                _say(f"stepdiff: removed a stale torch extension build lock {stale} (left by a killed build; every "
+                     "later build would have waited on it forever)", log)
             ok, seconds, error = _build_one(env_path, python, label, op, log)
             state[op.name] = {"ok": ok, "build_s": round(seconds, 2), "error": error}
             tmp = env_path / "ops.json.tmp"
@@ -70,6 +77,21 @@ def ensure_ops(env_path: Path, python: str, label: str, ops: tuple[Op, ...] | li
             if ok:
                 done[op.name] = seconds
     return done
+
+
+def clear_stale_locks(env_path: Path, older_than_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove the environment's torch extension build locks older than `older_than_s`; returns those removed.
+    torch's FileBaton is a plain file that a killed process never removes, and its waiters poll for it forever."""
+    removed = []
+    now = time.time()
+    for lock in extensions_dir(env_path).glob("*/lock"):
+        try:
+            if now - lock.stat().st_mtime > older_than_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # released meanwhile
+            pass
+    return removed
 
 
 def _say(text: str, log: bool) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from stepdiff.harness import spec as S
@@ -258,6 +259,25 @@ def test_ops_are_built_once_and_a_failed_build_is_recorded_not_fatal(tmp_path: P
     assert marker.read_text() == "1"
     ensure_ops(env, sys.executable, "test-env", [bad], log=False)  # a failed op is retried next time
     assert not built(env)["bad"]["ok"]
+
+
+def test_a_stale_torch_build_lock_is_removed_a_live_one_kept(tmp_path: Path) -> None:
+    """A killed build leaves torch's FileBaton lock behind and every later build waits on it forever; a recent lock
+    (a live holder) is left alone, and the build that cannot take it fails (recorded, not fatal)."""
+    from stepdiff.harness.envops import STALE_LOCK_S, built, ensure_ops, extensions_dir
+
+    env = tmp_path / "env"
+    lock = extensions_dir(env) / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    code = (f"from torch.utils.file_baton import FileBaton; b = FileBaton({str(lock)!r}); "
+            "assert b.try_acquire(), 'lock held'; b.release()")
+    lock.touch()  # live: recent
+    ensure_ops(env, sys.executable, "test-env", [_Op("live", code)], log=False)
+    assert lock.exists() and not built(env)["live"]["ok"] and "lock held" in str(built(env)["live"]["error"])
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))  # stale: a killed build's
+    assert list(ensure_ops(env, sys.executable, "test-env", [_Op("stale", code)], log=False)) == ["stale"]
+    assert not lock.exists() and built(env)["stale"]["ok"]
 
 
 def test_openrlhf_declares_the_ops_its_run_would_compile() -> None:
