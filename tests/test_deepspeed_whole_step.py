@@ -40,7 +40,11 @@ def by_label(result: Any) -> dict[str, Any]:
     return {r.label: r for r in result.runs}
 
 
-def test_multistep_adamw_through_deepspeeds_own_cpu_adam(tmp_path: Path) -> None:
+# the buggy release's side is slow: its CPU Adam compiles for ~2 min in a fresh environment (the default suite's
+# budget); the update check's negative controls in the default suite are tests/test_optimizer.py's mutants
+@pytest.mark.parametrize("pins", [pytest.param([FIXED], id="fixed"),
+                                  pytest.param([FIXED, BUGGY], id="fixed-and-buggy", marks=pytest.mark.slow)])
+def test_multistep_adamw_through_deepspeeds_own_cpu_adam(tmp_path: Path, pins: list[str]) -> None:
     """ZeRO-2 + CPU offload, GA 4, 3 AdamW steps (non-default betas, eps, decay with an excluded group, clipping that
     acts): DeepSpeed builds DeepSpeedCPUAdam itself; gradients, updates and Adam's state agree step after step on
     the fixed release; the buggy release diverges at step 0 (its dropped micro-batches)."""
@@ -48,8 +52,8 @@ def test_multistep_adamw_through_deepspeeds_own_cpu_adam(tmp_path: Path) -> None
                    optimizer={"name": "adamw", "lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-5, "weight_decay": 0.1,
                               "no_decay": ["norm"], "clip_grad_norm": 1.0},
                    deepspeed={"zero_stage": 2, "offload_optimizer": "cpu"})
-    result = run_case(spec, [FIXED, BUGGY], workdir=tmp_path)
-    fixed, bug = by_label(result)[FIXED], by_label(result)[BUGGY]
+    result = run_case(spec, pins, workdir=tmp_path)
+    fixed = by_label(result)[FIXED]
     assert fixed.verdict == "agree", fixed.reason
     assert "DeepSpeedCPUAdam" in fixed.meta["optimizer"] and "config's optimizer block" in fixed.meta["optimizer"]
     assert fixed.compared["loss"].startswith("not compared")  # the loss the adapter feeds in is no evidence
@@ -58,8 +62,10 @@ def test_multistep_adamw_through_deepspeeds_own_cpu_adam(tmp_path: Path) -> None
         assert st.update.total.rel < 1e-5 and st.grad.total.rel < 1e-5
         assert set(st.state) == {"exp_avg", "exp_avg_sq"} and st.state["exp_avg_sq"].total.rel < 1e-5
         assert st.opt_step == st.opt_step_ref == st.step + 1
-    assert bug.verdict == "diverge" and bug.first_diverging_step == 0
-    assert bug.signature is not None and bug.signature.name == "dropped-microbatches"
+    if BUGGY in pins:
+        bug = by_label(result)[BUGGY]
+        assert bug.verdict == "diverge" and bug.first_diverging_step == 0
+        assert bug.signature is not None and bug.signature.name == "dropped-microbatches"
 
 
 def test_handed_in_torch_optimizer_is_an_explicit_knob(tmp_path: Path) -> None:
@@ -98,6 +104,7 @@ def test_bf16_optimizer_boundary_microbatch_after_allreduce(tmp_path: Path, fixe
     assert ok.max_rel_grad_error < result.bound.value / 3  # a clean bf16 run sits well inside its bound
 
 
+@pytest.mark.slow  # two more environments (0.18.5, 0.18.6) for the default suite's budget
 def test_zero0_bf16_loss_scale_and_carried_gradients(tmp_path: Path) -> None:
     spec = spec_of(model={"dtype": "bfloat16"}, batch={"grad_accum": 2, "steps": 3}, deepspeed={"zero_stage": 0})
     result = run_case(spec, ["deepspeed==0.18.5", "deepspeed==0.18.6"], workdir=tmp_path)
