@@ -263,24 +263,25 @@ def engine(bench: Bench) -> None:
     a = {n: torch.randn(per, generator=g) for n in names}
     b = {n: t + 1e-6 * torch.randn(per, generator=g) for n, t in a.items()}
     total = sum(t.numel() for t in a.values())
-    rates, cpu_rates = [], []
-    for _ in range(bench.rounds):
-        t0, c0 = time.perf_counter(), time.process_time()
-        dict_diff(a, b)
-        rates.append(total / (time.perf_counter() - t0))
-        cpu_rates.append(total / max(time.process_time() - c0, 1e-9))
+
+    def per_second(work: Callable[[], object]) -> tuple[list[float], list[float]]:
+        """Parameters per wall second and per CPU second of `work`, one figure per round."""
+        rates, cpu_rates = [], []
+        for _ in range(bench.rounds):
+            t0, c0 = time.perf_counter(), time.process_time()
+            work()
+            rates.append(total / (time.perf_counter() - t0))
+            cpu_rates.append(total / max(time.process_time() - c0, 1e-9))
+        return rates, cpu_rates
+
+    rates, cpu_rates = per_second(lambda: dict_diff(a, b))
     bench.add(Result("engine[diff]", "engine", statistics.median(rates), "params/s", data=rates,
                     detail=f"dict_diff of {total / 1e6:.0f}M fp32 parameters (rel, max abs, cosine, per-parameter "
                            f"ranking), wall; {statistics.median(cpu_rates) / 1e6:.0f}M params per CPU-second",
                     extra={"cpu_params_per_s": cpu_rates}))
     contribs = [{n: torch.randn(per, generator=g) for n in names} for _ in range(4)]
     grad = {n: torch.stack([c[n] for c in contribs]).sum(0) for n in names}
-    rates, cpu_rates = [], []
-    for _ in range(bench.rounds):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fit_weights(grad, contribs, [f"mb {i}" for i in range(4)])
-        rates.append(total / (time.perf_counter() - t0))
-        cpu_rates.append(total / max(time.process_time() - c0, 1e-9))
+    rates, cpu_rates = per_second(lambda: fit_weights(grad, contribs, [f"mb {i}" for i in range(4)]))
     bench.add(Result("engine[fit]", "engine", statistics.median(rates), "params/s", data=rates,
                     detail=f"micro-batch weight fit on 4 contributions of {total / 1e6:.0f}M parameters, wall; "
                            f"{statistics.median(cpu_rates) / 1e6:.0f}M params per CPU-second",

@@ -502,17 +502,11 @@ def _contributions(spec: Spec, ref: Record, step: int) -> tuple[list[dict[str, t
 
 
 def fit_microbatches(spec: Spec, grads: dict[str, torch.Tensor], ref: Record, step: int) -> tuple[Fit, Signature]:
-    b = spec.batch
     fraction = ref.meta.extra.get("contrib_sketch")
     if fraction:  # the reference kept sketched contributions: sketch the framework's gradient the same way
         from .sketch import sketch
 
         grads = sketch(grads, float(fraction))
-    contribs, labels = [], []
-    for r in range(b.world_size):
-        for m in range(b.grad_accum):
-            prefix = f"contrib/{step}/{r}/{m}/"
-            contribs.append({k[len(prefix):]: v for k, v in ref.extras.items() if k.startswith(prefix)})
-            labels.append(f"rank {r} mb {m}" if b.world_size > 1 else f"mb {m}")
+    contribs, labels = _contributions(spec, ref, step)
     fit = fit_weights(grads, contribs, labels)
     return fit, describe(fit, D.microbatch_token_counts(spec, step))
