@@ -235,6 +235,37 @@ def fsdp_full(module: Any, what: str) -> dict[str, Any]:
     return out
 
 
+def fsdp_optimizer_state(optimizer: Any, module: Any) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """A torch optimizer's per-parameter state over an FSDP2 module (exp_avg, exp_avg_sq, momentum_buffer: DTensor
+    shards gathered, fp32 CPU copies under canonical names) and its step counter. A collective, like `fsdp_full`.
+    FSDP1 keeps state per flat-parameter shard: not read ({}, None), so the state is reported as not compared."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from .common import STATE_KEYS
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        from torch.distributed._tensor import DTensor
+    if optimizer is None or isinstance(module, FSDP):
+        return {}, None
+    state: dict[str, dict[str, Any]] = {}
+    step = None
+    for n, p in module.named_parameters():
+        st = optimizer.state.get(p, {})
+        kv = {}
+        for key in STATE_KEYS:
+            t = st.get(key)
+            if t is None:
+                continue
+            kv[key] = _copy(t.full_tensor() if isinstance(t, DTensor) else t)
+        if kv:
+            state[canonical_name(n)] = kv
+        if "step" in st:
+            step = int(float(st["step"].full_tensor() if isinstance(st["step"], DTensor) else st["step"]))
+    return state, step
+
+
 def _unwrapped_parameters(model: Any) -> list[tuple[str, Any]]:
     """Named parameters of the model inside DDP/accelerate wrappers (`.module` until the causal LM)."""
     m = model

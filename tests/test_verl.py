@@ -309,3 +309,16 @@ def test_conformance_kit(pin_text: str, tmp_path: Path) -> None:
     assert set(checks) == {"unsupported", "init", "order", "pre-clip", "repeat", "zero-lr"}
     failed = {n: c.detail for n, c in checks.items() if c.passed is False}
     assert not failed, failed
+
+
+def test_adamw_state_read_from_verls_own_optimizer() -> None:
+    """Three AdamW steps through the engine SFT trainer and verl's build_optimizer: Adam's moments and step counter
+    are gathered from verl's own FSDP2 optimizer and agree with the reference's step after step. (The same state
+    check says "diverge" on an injected optimizer fault: tests/test_optimizer.py's mutants.)"""
+    run = run_case(S.load(CASES / "adamw-3steps-verl.toml"), ["verl==0.9.1"]).runs[0]
+    assert run.verdict == "agree", run.reason
+    assert run.compared["state"] == "exp_avg, exp_avg_sq, step"
+    for st in run.steps:
+        assert set(st.state) == {"exp_avg", "exp_avg_sq"}
+        assert st.state["exp_avg"].total.rel < 1e-5 and st.state["exp_avg_sq"].total.rel < 1e-5
+        assert st.opt_step == st.opt_step_ref == st.step + 1

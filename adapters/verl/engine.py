@@ -21,7 +21,7 @@ from stepdiff.harness.record import StepRecord
 from stepdiff.harness.spec import Spec
 
 from ..base import WorkerContext
-from ..readouts import fsdp_full, wrapped
+from ..readouts import fsdp_full, fsdp_optimizer_state, wrapped
 from . import cpu
 from .common import asdict, clip, config_kwargs, fsdp_strategy, load_shadow, model_dir, optim_kwargs, scalar
 from .knobs import VerlKnobs
@@ -102,7 +102,8 @@ def step_readout(engine: Any) -> Iterator[Callable[[Any], StepRecord]]:
     """Within the block, the engine instance's `optimizer_step` first copies the full gradients (after accumulation,
     before clipping); yields `record(out)`, which turns one train call's output into the step's record: loss and grad
     norm from the worker's metrics ('loss', 'grad_norm'), parameters read after the step. Shared by every engine path
-    (the TrainingWorker paths here and the engine SFT trainer)."""
+    (the TrainingWorker paths here and the engine SFT trainer). The optimizer's state (Adam's moments, its step
+    counter) is read after the step from verl's own optimizer, gathered from its FSDP2 shards."""
     from verl.utils import tensordict_utils as tu
 
     snap: dict[str, Any] = {}
@@ -116,10 +117,11 @@ def step_readout(engine: Any) -> Iterator[Callable[[Any], StepRecord]]:
     def record(out: Any) -> StepRecord:
         metrics = tu.get(out, "metrics") if out is not None else {}
         params = fsdp_full(engine.module, "param")
+        state, opt_step = fsdp_optimizer_state(getattr(engine, "optimizer", None), engine.module)
         if "grads" not in snap:
             raise RuntimeError("verl's engine did not call optimizer_step (no gradient read)")
         return StepRecord(loss=scalar(metrics.get("loss")), grad_norm=scalar(metrics.get("grad_norm")),
-                          grads=snap.pop("grads"), params=params)
+                          grads=snap.pop("grads"), params=params, state=state, opt_step=opt_step)
 
     with wrapped(engine, "optimizer_step", make):
         yield record
