@@ -6,6 +6,7 @@ the spec's per-rank sample order. They build inputs and read versions; none of t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,18 +91,21 @@ def param_groups(spec: Spec, named: Any) -> list[dict[str, Any]]:
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
-def read_state(opt: Any, named: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int | None]:
+def read_state(opt: Any, named: dict[str, Any],
+               full: Callable[[Any], Any] | None = None) -> tuple[dict[str, dict[str, Any]], int | None]:
     """A torch-style optimizer's per-parameter state (exp_avg, exp_avg_sq, momentum_buffer) as fp32 CPU copies
-    under canonical names, and its step counter (None when it keeps none)."""
+    under canonical names, and its step counter (None when it keeps none); `full` turns a sharded state tensor into
+    the whole one first (e.g. a DTensor's full_tensor, a collective)."""
+    whole = full or (lambda t: t)
     state: dict[str, dict[str, Any]] = {}
     step = None
     for n, p in named.items():
         st = opt.state.get(p, {})
-        kv = {k: st[k].detach().float().cpu().clone() for k in STATE_KEYS if k in st and st[k] is not None}
+        kv = {k: whole(st[k]).detach().float().cpu().clone() for k in STATE_KEYS if k in st and st[k] is not None}
         if kv:
             state[n] = kv
         if "step" in st:
-            step = int(float(st["step"]))
+            step = int(float(whole(st["step"])))
     return state, step
 
 

@@ -241,7 +241,7 @@ def fsdp_optimizer_state(optimizer: Any, module: Any) -> tuple[dict[str, dict[st
     FSDP1 keeps state per flat-parameter shard: not read ({}, None), so the state is reported as not compared."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from .common import STATE_KEYS
+    from .common import read_state
 
     try:
         from torch.distributed.tensor import DTensor
@@ -249,21 +249,8 @@ def fsdp_optimizer_state(optimizer: Any, module: Any) -> tuple[dict[str, dict[st
         from torch.distributed._tensor import DTensor
     if optimizer is None or isinstance(module, FSDP):
         return {}, None
-    state: dict[str, dict[str, Any]] = {}
-    step = None
-    for n, p in module.named_parameters():
-        st = optimizer.state.get(p, {})
-        kv = {}
-        for key in STATE_KEYS:
-            t = st.get(key)
-            if t is None:
-                continue
-            kv[key] = _copy(t.full_tensor() if isinstance(t, DTensor) else t)
-        if kv:
-            state[canonical_name(n)] = kv
-        if "step" in st:
-            step = int(float(st["step"].full_tensor() if isinstance(st["step"], DTensor) else st["step"]))
-    return state, step
+    return read_state(optimizer, {canonical_name(n): p for n, p in module.named_parameters()},
+                      full=lambda t: t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 def _unwrapped_parameters(model: Any) -> list[tuple[str, Any]]:
