@@ -18,6 +18,7 @@ from typing import Any
 from . import envs
 from .compare import RunResult, compare
 from .errors import UnsupportedError, WorkerError
+from .lanes import intra_op_threads
 from .model import write_init_weights
 from .pool import WorkerKey, WorkerPool
 from .record import Record
@@ -58,7 +59,9 @@ class Session:
         return reason
 
     def _key(self, name: str, python: str, world_size: int, device: str, extra: dict[str, str]) -> WorkerKey:
-        return WorkerKey(name, python, world_size, device, tuple(sorted(extra.items())),
+        # the reference and the framework's ranks run at the same time: split the cores between them
+        threads = intra_op_threads(1 + (world_size if name != "reference" else 1))
+        return WorkerKey(name, python, world_size, device, tuple(sorted({**threads, **extra}.items())),
                          "reference" if name == "reference" else "framework")
 
     def _next_dir(self, what: str) -> Path:
