@@ -165,13 +165,15 @@ def rerun(bench: Bench) -> None:
                         extra={"cpu_ratio": cpu_ratios, "first_s": first, "second_s": second}))
 
 def fuzz(bench: Bench) -> None:
+    from .fuzz import PROFILES
     from .runner import parse_pin
     from .spec import load
 
     bench.env_python(DS_PIN)
     pin = parse_pin(DS_PIN)
     base = load(_bundled(DS_CASE))
-    n_warm, n_cold = (6, 2) if bench.quick else (12, 3)
+    # a campaign of the `ci` fuzz profile's size (20 examples; `nightly` draws 300), its start-up included
+    n_warm, n_cold = (6, 2) if bench.quick else (int(PROFILES["ci"]["max_examples"]), 3)
     specs = [base.replace(batch__grad_accum=1 + i % 4, batch__micro_batch_size=1 + i % 2, data__seed=i)
              for i in range(n_warm)]
     from .refcache import ReferenceCache

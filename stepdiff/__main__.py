@@ -1,6 +1,6 @@
 """`python -m stepdiff` is the `stepdiff` console script."""
 
-from stepdiff.harness.cli import main
+from stepdiff.harness.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console_main()
