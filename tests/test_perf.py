@@ -363,3 +363,30 @@ def test_bench_engine_runs_and_saves(tmp_path: Path) -> None:
     assert names == ["engine[diff]", "engine[fit]"]
     assert all(b["value"] > 1e5 for b in doc["benchmarks"])  # parameters per second
     assert "engine[diff]" in out.stdout and list(tmp_path.glob("*/0001_*.json"))
+
+
+def test_py_cpuinfo_runs_once_per_worker_and_every_caller_gets_its_own_copy_of_the_answer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """DeepSpeed's op builder and DeepSpeedCPUAdam call `from cpuinfo import get_cpu_info` three times per engine, each
+    a ~1.1 s subprocess; the memo keeps the first answer (a stand-in module here: the host has no py-cpuinfo)."""
+    import types
+
+    from stepdiff.adapters.deepspeed import cpu
+
+    calls: list[int] = []
+    fake = types.ModuleType("cpuinfo")
+
+    def get_cpu_info() -> dict:  # type: ignore[type-arg]
+        calls.append(1)
+        return {"arch": "X86_64", "flags": ["avx2", "fma"], "call": len(calls)}
+
+    fake.get_cpu_info = get_cpu_info  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cpuinfo", fake)
+    assert cpu.memoize_cpuinfo() == [cpu.CPUINFO_ONCE] == cpu.memoize_cpuinfo()  # idempotent: wrapped once
+    from cpuinfo import get_cpu_info as patched  # type: ignore[import-not-found]
+
+    first = patched()
+    first["flags"].append("mutated by a caller")
+    again = patched()
+    assert calls == [1]
+    assert again == {"arch": "X86_64", "flags": ["avx2", "fma"], "call": 1}
+    assert cpu.CPUINFO_ONCE in cpu.PATCHES  # listed in `stepdiff list` by every adapter that runs DeepSpeed

@@ -2,7 +2,8 @@
 
 CPU patches (`cpu`, none touches the math under test): the shared-memory comm op's g++ JIT skipped (gloo
 collectives instead); DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned detached (0.18.7-0.18.9 + gloo + torch
-2.13 at world size >= 2; 0.19.0 has the same detach upstream).
+2.13 at world size >= 2; 0.19.0 has the same detach upstream); py-cpuinfo's get_cpu_info memoized per worker (each
+call is a ~1.1 s subprocess; DeepSpeedCPUAdam makes three; same answer, CPU and CUDA).
 Optimizer: DeepSpeed's own, built from the config's `optimizer` block (DeepSpeedCPUAdam under CPU offload, FusedAdam
 otherwise, both JIT-compiled once per environment into its TORCH_EXTENSIONS_DIR), unless the knob optimizer_source =
 "torch" hands in a torch optimizer from outside (named so in `stepdiff list` and in every report that used it).

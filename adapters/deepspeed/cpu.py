@@ -1,5 +1,6 @@
 """DeepSpeed's host patches (CPU, and one for CUDA hosts), shared by every adapter that runs DeepSpeed's engine
-(DeepSpeed itself, OpenRLHF's strategy, TRL through accelerate). None touches the gradient path under test."""
+(DeepSpeed itself, OpenRLHF's strategy, TRL through accelerate). None touches the gradient path under test; one
+(py-cpuinfo memoized) is for speed, not for the CPU."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ INTEL_STAND_INS = Patch(
     "(no release of either exists for torch 2.13: intel-extension-for-pytorch stops at 2.8.0, pinned to torch 2.8); "
     "its elastic agent imports two torch names at import time and is never used; with the backend name 'gloo', "
     "init_distributed skips building the oneCCL op (later releases fall back to gloo by themselves)")
-PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS, ARCH_LIST, INTEL_STAND_INS)
+CPUINFO_ONCE = Patch(
+    "cpuinfo.get_cpu_info (py-cpuinfo, as DeepSpeed's op builder cpu_arch/simd_width and DeepSpeedCPUAdam.__init__ "
+    "call it)", "memoized per worker process: the first call runs py-cpuinfo as usual, later calls get a copy of its "
+    "answer",
+    "each call runs py-cpuinfo in a fresh subprocess (~1.1 s; three per DeepSpeedCPUAdam, i.e. 3.4 s per engine and "
+    "per fuzz example with CPU Adam); the CPU does not change inside one process, so DeepSpeed gets the same answer, "
+    "which picks compile flags and a warning, not the math")
+PATCHES = (SHM_OP, DETACH_FLAT_BUFFERS, ARCH_LIST, INTEL_STAND_INS, CPUINFO_ONCE)
 _EARLY: list[Patch] = []
 
 
@@ -96,6 +104,29 @@ def detach_flat_buffers() -> list[Patch]:
     return [DETACH_FLAT_BUFFERS]
 
 
+def memoize_cpuinfo() -> list[Patch]:
+    """Idempotent. `from cpuinfo import get_cpu_info` runs at each of DeepSpeed's calls, so the package attribute is
+    what they get."""
+    import copy
+
+    try:
+        cpuinfo = importlib.import_module("cpuinfo")
+    except ImportError:  # DeepSpeed falls back to lscpu by itself
+        return []
+    if not getattr(cpuinfo.get_cpu_info, "_stepdiff_memo", False):
+        original = cpuinfo.get_cpu_info
+        answers: list[Any] = []
+
+        def get_cpu_info() -> Any:
+            if not answers:
+                answers.append(original())
+            return copy.deepcopy(answers[0])
+
+        get_cpu_info._stepdiff_memo = True  # type: ignore[attr-defined]
+        setattr(cpuinfo, "get_cpu_info", get_cpu_info)  # noqa: B010 - a module attribute mypy cannot see
+    return [CPUINFO_ONCE]
+
+
 def _legacy_backend_name() -> None:
     """deepspeed < 0.14: its CPU accelerator always names 'ccl' (oneCCL) as the backend; gloo like later releases."""
     if INTEL_STAND_INS in _EARLY:
@@ -122,8 +153,8 @@ def apply(device: str) -> list[Patch]:
     """The patches this device needs (the shm op only on CPU, the arch list only on CUDA): the ones applied."""
     if device == "cpu":
         _legacy_backend_name()
-        return list(_EARLY) + skip_shm_op_build() + detach_flat_buffers()
-    return plain_arch_list() + detach_flat_buffers()
+        return list(_EARLY) + skip_shm_op_build() + detach_flat_buffers() + memoize_cpuinfo()
+    return plain_arch_list() + detach_flat_buffers() + memoize_cpuinfo()
 
 
 def _op_code(builder: str) -> str:

@@ -44,6 +44,8 @@ Patches (CPU glue; none touches the loss, the gradients or the optimizer):
 - P8 (knob adam_impl = 'torch' only) `deepspeed.initialize` during the CLI run: DeepSpeed's documented
   `optimizer.params.torch_adam = true` (+ `zero_force_ds_cpu_optimizer = false`) added to OpenRLHF's config, so
   DeepSpeed builds torch.optim.AdamW instead of JIT-compiling its CPU Adam ops.
+- P9 `cpuinfo.get_cpu_info` memoized per worker (CPU and CUDA): py-cpuinfo runs a ~1.1 s subprocess per call and
+  DeepSpeedCPUAdam makes three; the CPU and so the answer do not change inside one process.
 Recorders (read-only wrappers, see `recorder.Recorder`): DeepSpeedEngine._take_model_step (hooks read-out only),
 Actor.forward (token ids received), SFTTrainer.save_logs_and_checkpoints (logged loss/grad norm),
 SFTDataset.__getitem__ (loss masks), DeepspeedStrategy.backward (losses passed to backward), deepspeed.initialize

@@ -6,6 +6,10 @@ transformers' Trainer loop (its gradient-accumulation loss scaling, `num_items_i
 DeepSpeed integration, grad-norm, optimizer and scheduler). The adapter builds the tiny model (`build_model`), a local
 WordLevel tokenizer (id i <-> token 'w{i}'), the dataset in the spec's placement, and sets every TRL/transformers
 default that changes the numbers from the spec (see `common.common_args` and the trainer modules).
+
+Patches: `common.SEQUENTIAL_SAMPLER`, `grpo.NO_SHUFFLE` (the spec's sample order), and with DeepSpeed installed its
+host patches (`adapters/deepspeed/cpu.py`: the shm comm op's JIT skipped, flat buffers detached for 0.18.7-0.18.9 at
+world size 2, the CUDA arch list's suffixes, py-cpuinfo memoized per worker); runs record the ones applied.
 """
 
 from __future__ import annotations
