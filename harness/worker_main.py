@@ -11,11 +11,14 @@ requests until shutdown, so a framework's import and distributed start-up are pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 
 def result_path(directory: Path, request: int, rank: int) -> Path:
@@ -53,6 +56,19 @@ def _cuda_facts() -> dict:
             "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
 
 
+PROFILE_DIR = "STEPDIFF_PROFILE_DIR"
+"""Set to a folder: each request runs under cProfile, one stats file per request and rank (where a worker's time
+goes: imports, framework set-up, the step)."""
+
+
+def _profiler() -> Any:
+    if not os.environ.get(PROFILE_DIR):
+        return None
+    import cProfile
+
+    return cProfile.Profile()
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="stepdiff-worker")
     ap.add_argument("--adapter", required=True)
@@ -82,8 +98,6 @@ def main(argv: list[str]) -> int:
         if req.get("shutdown"):
             # every result is on disk before its request is answered; the interpreter's teardown with a framework
             # loaded takes ~1 s that the harness would wait for at the end of every command, so skip it
-            import sys
-
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
@@ -95,15 +109,13 @@ def main(argv: list[str]) -> int:
                 import torch
 
                 torch.cuda.reset_peak_memory_stats()
-            profile_dir = os.environ.get("STEPDIFF_PROFILE_DIR")
-            if profile_dir:  # a developer's view of where a request's time goes (cProfile, one file per request)
-                import cProfile
-
-                with cProfile.Profile() as prof:
-                    record = adapter.run(spec, Path(req["init"]), ctx, **req.get("options", {}))
-                prof.dump_stats(Path(profile_dir) / f"{args.adapter}-req{i:04d}-rank{rank}.prof")
-            else:
+            profiler = _profiler()
+            with profiler or contextlib.nullcontext():
                 record = adapter.run(spec, Path(req["init"]), ctx, **req.get("options", {}))
+            if profiler is not None:
+                profile_dir = Path(os.environ[PROFILE_DIR])
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                profiler.dump_stats(profile_dir / f"{args.adapter}-req{i:04d}-rank{rank}.prof")
             if rank == 0:
                 if record is None:
                     raise RuntimeError("the adapter returned no record on rank 0")

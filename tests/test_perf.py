@@ -390,3 +390,19 @@ def test_py_cpuinfo_runs_once_per_worker_and_every_caller_gets_its_own_copy_of_t
     assert calls == [1]
     assert again == {"arch": "X86_64", "flags": ["avx2", "fma"], "call": 1}
     assert cpu.CPUINFO_ONCE in cpu.PATCHES  # listed in `stepdiff list` by every adapter that runs DeepSpeed
+
+
+def test_profile_dir_gets_one_loadable_cprofile_file_per_worker_request(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pstats
+
+    monkeypatch.setenv("STEPDIFF_PROFILE_DIR", str(tmp_path / "prof"))
+    with WorkerPool(tmp_path / "pool") as pool:
+        result = run_cases([(faults_spec("profiled"), FAULTS)], workdir=tmp_path / "run", pool=pool,
+                           cache=ReferenceCache(enabled=False), log=lambda s: None)[0]
+    assert result.runs[0].verdict == "agree"
+    files = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    # the framework's one request; the reference's float32 run and its float64 calibration
+    assert files == ["faults-req0000-rank0.prof", "reference-req0000-rank0.prof", "reference-req0001-rank0.prof"]
+    stats = pstats.Stats(str(tmp_path / "prof" / "faults-req0000-rank0.prof"))
+    profiled = {(Path(f).name, name) for f, _, name in stats.stats}  # type: ignore[attr-defined]
+    assert ("faults.py", "run") in profiled  # the adapter's own run is inside the profile
