@@ -59,8 +59,9 @@ class Session:
         return reason
 
     def _key(self, name: str, python: str, world_size: int, device: str, extra: dict[str, str]) -> WorkerKey:
-        # the reference and the framework's ranks run at the same time: split the cores between them
-        threads = intra_op_threads(1 + (world_size if name != "reference" else 1))
+        # the reference (one rank) and the framework's ranks run at the same time: split the cores between them;
+        # the reference's key is built with world_size 1, which leaves room for a one-rank framework beside it
+        threads = intra_op_threads(1 + world_size)
         return WorkerKey(name, python, world_size, device, tuple(sorted({**threads, **extra}.items())),
                          "reference" if name == "reference" else "framework")
 
